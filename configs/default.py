@@ -1,0 +1,81 @@
+"""Default recipe: a small Llama-style byte-level LM on the CPython docs that ship with Python.
+
+Runs out of the box on a laptop CPU in a few minutes; every field can be overridden on the
+command line with --config.a.b=value.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the default configuration."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds parameter init, dropout and data order
+    c.task = "lm"  # next-token prediction; see jtrain/tasks/
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 384  # >= the tokenizer's 259 ids, padded to a multiple of 128
+    c.model.d_model = 256  # width of the residual stream
+    c.model.n_layers = 4  # transformer blocks (scanned, so compile time does not grow)
+    c.model.n_heads = 8  # query heads
+    c.model.n_kv_heads = 4  # key/value heads (grouped-query attention); divides n_heads
+    c.model.head_dim = 32  # per-head width
+    c.model.d_ff = 768  # SwiGLU hidden width
+    c.model.rope_theta = 10_000.0  # rotary embedding base
+    c.model.norm_eps = 1e-5  # RMSNorm epsilon
+    c.model.tie_embeddings = True  # output projection shares the input embedding
+    c.model.dropout = 0.0  # residual/attention-output dropout rate during training
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.remat = "none"  # rematerialise each block: none | full | dots (save matmuls)
+    c.model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "pydoc_topics"  # the embedded corpus: CPython's pydoc_data.topics
+    c.data.tokenizer = "byte"  # bytes 0-255 plus PAD/BOS/EOS
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 600  # optimizer updates
+    c.train.batch_size = 32  # global batch, in sequences
+    c.train.seq_len = 128  # tokens per sequence
+    c.train.microbatches = 1  # gradient accumulation: the batch is split into this many parts
+    c.train.log_every = 50  # steps between train metric logs
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 200  # steps between validation passes (0 = only at the end)
+    c.eval.steps = -1  # batches per validation pass (-1 = the whole split)
+    c.eval.sample_tokens = 200  # bytes generated from a prompt at the end (0 = none)
+    c.eval.sample_prompt = "The for statement"  # prompt for the end-of-run sample
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel replicas (-1 = all remaining devices)
+    c.mesh.fsdp = 1  # fully-sharded data parallel: params and optimizer state are split
+    c.mesh.tensor = 1  # tensor parallel: heads and MLP width are split
+    # Logical parameter/activation axis -> mesh axes ("" = replicated, "a,b" = both).
+    c.mesh.rules = ml_collections.ConfigDict()
+    c.mesh.rules.batch = "data,fsdp"
+    c.mesh.rules.embed = "fsdp"
+    c.mesh.rules.mlp = "tensor"
+    c.mesh.rules.heads = "tensor"
+    c.mesh.rules.kv_heads = "tensor"
+    c.mesh.rules.vocab = "tensor"
+    c.mesh.rules.head_dim = ""
+    c.mesh.rules.layers = ""
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # adamw | adafactor | lion | sgd
+    c.optimizer.lr = 3e-3  # peak learning rate
+    c.optimizer.weight_decay = 0.1  # decoupled; skipped for norms and biases
+    c.optimizer.b1 = 0.9  # first-moment decay (adamw, lion); momentum for sgd
+    c.optimizer.b2 = 0.95  # second-moment decay (adamw, lion)
+    c.optimizer.eps = 1e-8  # adamw denominator epsilon
+    c.optimizer.clip_norm = 1.0  # global gradient-norm clipping (0 = off)
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "cosine"  # constant | cosine | linear | wsd (warmup-stable-decay)
+    c.schedule.warmup_steps = 50  # linear warmup from 0 to optimizer.lr
+    c.schedule.final_lr_ratio = 0.1  # end of decay, as a fraction of optimizer.lr
+    c.schedule.decay_fraction = 0.2  # wsd: final fraction of steps spent decaying
+
+    c.metrics = ml_collections.ConfigDict()
+    c.metrics.peak_flops_per_device = 0.0  # for MFU; 0 = known table, else measured on CPU
+    return c

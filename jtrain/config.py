@@ -1,0 +1,129 @@
+"""Config validation and serialisation: every bad value fails before anything compiles.
+
+ml_collections already rejects misspelled keys and wrong types when the config is locked;
+this module checks the values, and names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from jtrain import optim, tasks
+from jtrain.data import sources, tokenizers
+from jtrain.mesh import parse_rules
+from jtrain.models import transformer
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which key and what is allowed."""
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r} is invalid: {allowed}.")
+
+
+def _positive_ints(config, keys: list[str]) -> None:
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        _require(isinstance(value, int) and value > 0, key, value, "must be a positive integer")
+
+
+def _one_of(key: str, value, allowed) -> None:
+    _require(value in allowed, key, value, f"allowed: {', '.join(map(str, allowed))}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first value that cannot work."""
+    _one_of("task", config.task, tasks.TASKS)
+    _validate_model(config)
+    _one_of("data.source", config.data.source, sources.source_names())
+    _one_of("data.tokenizer", config.data.tokenizer, tokenizers.tokenizer_names())
+    vocab = tokenizers.get_tokenizer(config.data.tokenizer).vocab_size
+    _require(
+        config.model.vocab_size >= vocab,
+        "model.vocab_size",
+        config.model.vocab_size,
+        f"must be at least the tokenizer's vocabulary size ({vocab})",
+    )
+
+    t = config.train
+    _positive_ints(config, ["train.steps", "train.batch_size", "train.seq_len"])
+    _positive_ints(config, ["train.microbatches", "train.log_every"])
+    _require(
+        t.batch_size % t.microbatches == 0,
+        "train.microbatches",
+        t.microbatches,
+        f"must divide train.batch_size={t.batch_size}",
+    )
+    e = config.eval
+    _require(e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0 (0 = at the end)")
+    _require(e.steps == -1 or e.steps > 0, "eval.steps", e.steps, "must be -1 (all) or positive")
+    _require(e.sample_tokens >= 0, "eval.sample_tokens", e.sample_tokens, "must be >= 0")
+
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        _require(size == -1 or size > 0, f"mesh.{axis}", size, "must be positive or -1 (the rest)")
+    try:
+        parse_rules(config.mesh.rules)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    _validate_optimizer(config)
+    peak = config.metrics.peak_flops_per_device
+    _require(peak >= 0, "metrics.peak_flops_per_device", peak, "must be >= 0 (0 = auto)")
+
+
+def _validate_model(config) -> None:
+    m = config.model
+    _positive_ints(
+        config,
+        [f"model.{k}" for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads")]
+        + ["model.head_dim", "model.d_ff"],
+    )
+    _require(
+        m.n_heads % m.n_kv_heads == 0,
+        "model.n_kv_heads",
+        m.n_kv_heads,
+        f"must divide model.n_heads={m.n_heads} (grouped-query attention)",
+    )
+    _require(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (rotary embedding)")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
+    _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive")
+    _one_of("model.dtype", m.dtype, transformer.DTYPES)
+    _one_of("model.remat", m.remat, transformer.REMAT_POLICIES)
+    _one_of("model.attention", m.attention, transformer.ATTENTION_IMPLEMENTATIONS)
+
+
+def _validate_optimizer(config) -> None:
+    o, s = config.optimizer, config.schedule
+    _one_of("optimizer.name", o.name, optim.OPTIMIZERS)
+    _require(o.lr > 0, "optimizer.lr", o.lr, "must be positive")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    _require(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "must be >= 0 (0 = off)")
+    for key in ("b1", "b2"):
+        _require(0 <= o[key] < 1, f"optimizer.{key}", o[key], "must be in [0, 1)")
+    _one_of("schedule.name", s.name, optim.SCHEDULES)
+    _require(
+        0 <= s.warmup_steps <= config.train.steps,
+        "schedule.warmup_steps",
+        s.warmup_steps,
+        f"must be between 0 and train.steps={config.train.steps}",
+    )
+    _require(0 <= s.final_lr_ratio <= 1, "schedule.final_lr_ratio", s.final_lr_ratio, "in [0, 1]")
+    _require(0 < s.decay_fraction <= 1, "schedule.decay_fraction", s.decay_fraction, "in (0, 1]")
+
+
+def save_json(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes the resolved config to workdir/config.json and returns the path."""
+    path = os.path.join(workdir, "config.json")
+    with open(path, "w") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path

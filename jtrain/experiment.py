@@ -1,0 +1,130 @@
+"""Everything a run is built from, derived once from the config: mesh, task, optimizer,
+shardings and the compiled steps. Usable on its own from a notebook or a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jtrain import mesh as mesh_lib
+from jtrain import optim, step, tasks
+from jtrain.config import ConfigError
+from jtrain.state import TrainState
+
+
+@dataclasses.dataclass
+class Experiment:
+    """The static pieces of a run; the only changing thing, the TrainState, lives outside."""
+
+    config: object
+    mesh: Mesh
+    task: tasks.Task
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    graphdef: nnx.GraphDef
+    abstract_state: TrainState  # shapes and dtypes only
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    train_step: Callable
+    eval_step: Callable
+    _init_fn: Callable
+
+    @classmethod
+    def from_config(cls, config, devices: Sequence[jax.Device] | None = None) -> Experiment:
+        """Builds the mesh and shardings and jits the steps (compilation happens on first use)."""
+        mesh = mesh_lib.make_mesh(config.mesh, devices)
+        rules = mesh_lib.parse_rules(config.mesh.rules)
+        _check_batch_divides(config, mesh_lib.batch_shards(mesh, rules))
+        task = tasks.get(config)
+        tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.train.steps)
+
+        def init_fn(rng: jax.Array) -> TrainState:
+            params_rng, dropout_rng = jax.random.split(rng)
+            model = task.make_model(nnx.Rngs(params=params_rng))
+            params = nnx.state(model, nnx.Param)
+            return TrainState(
+                params=params,
+                opt_state=tx.init(params),
+                step=jnp.zeros((), jnp.int32),
+                rng=dropout_rng,
+            )
+
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.make_model(nnx.Rngs(0))))
+        abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+        state_shardings = mesh_lib.tree_shardings(abstract_state, mesh, rules)
+        batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+        return cls(
+            config=config,
+            mesh=mesh,
+            task=task,
+            tx=tx,
+            schedule=schedule,
+            graphdef=graphdef,
+            abstract_state=abstract_state,
+            state_shardings=state_shardings,
+            batch_sharding=batch_sharding,
+            train_step=step.jit_train_step(
+                graphdef=graphdef,
+                task=task,
+                tx=tx,
+                schedule=schedule,
+                microbatches=config.train.microbatches,
+                state_shardings=state_shardings,
+                batch_sharding=batch_sharding,
+            ),
+            eval_step=step.jit_eval_step(
+                graphdef=graphdef,
+                task=task,
+                params_shardings=state_shardings.params,
+                batch_sharding=batch_sharding,
+            ),
+            _init_fn=init_fn,
+        )
+
+    def init_state(self, seed: int | None = None) -> TrainState:
+        """A fresh TrainState, created directly in its sharded placement."""
+        seed = self.config.seed if seed is None else seed
+        init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+        return init(jax.random.key(seed))
+
+    def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows -> global arrays sharded over the batch axes."""
+        return mesh_lib.to_global_batch(local_batch, self.batch_sharding)
+
+    def evaluate(self, params, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
+        """Token-weighted loss, perplexity and metrics over every batch of an eval split."""
+        total = None
+        for local_batch in batches:
+            out = self.eval_step(params, self.global_batch(local_batch))
+            total = out if total is None else total + out
+        if total is None:
+            raise ValueError("the evaluation split produced no batches")
+        total = jax.device_get(total)
+        weight = max(float(total.weight), 1.0)
+        loss = float(total.loss_sum) / weight
+        metrics = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+        metrics.update({name: float(v) / weight for name, v in total.sums.items()})
+        metrics["tokens"] = float(total.weight)
+        return metrics
+
+    def param_count(self) -> int:
+        """Number of trainable parameters."""
+        return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(self.abstract_state.params))
+
+
+def _check_batch_divides(config, shards: int) -> None:
+    batch, micro = config.train.batch_size, config.train.microbatches
+    if batch % (micro * shards):
+        raise ConfigError(
+            f"config.train.batch_size={batch} is invalid: it must be divisible by "
+            f"train.microbatches ({micro}) x the devices the batch is split over ({shards}), "
+            f"i.e. a multiple of {micro * shards}."
+        )

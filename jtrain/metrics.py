@@ -1,0 +1,206 @@
+"""Throughput accounting (peak FLOP/s, MFU) and the metric writers of a run.
+
+`MetricWriter` owns the workdir's `metrics.jsonl` (one exact JSON line per logged event) and
+`tensorboard/` event files, and prints one compact line per event. `read_metrics` parses the
+JSONL back, so tests and benchmarks compare runs float for float.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+# Dense bf16 peak FLOP/s per chip, keyed by a lowercase substring of `Device.device_kind`.
+# The longest matching key wins: JAX calls v5e "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite".
+PEAK_FLOPS: dict[str, float] = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5": 459e12,
+    "tpu v5p": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+    "trillium": 918e12,
+    "a100": 312e12,
+    "h100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "h100 pcie": 756e12,
+    "h100 nvl": 835e12,
+    "h200": 989e12,
+}
+
+_MATMUL_SIZE = 1024  # big enough to keep the CPU's vector units busy, small enough to repeat
+
+
+def _table_peak_flops(device_kind: str) -> float:
+    kind = device_kind.lower()
+    matches = [key for key in PEAK_FLOPS if key in kind]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else 0.0
+
+
+def measure_cpu_flops(seconds: float = 0.5) -> float:
+    """Returns the host CPU's f32 matmul FLOP/s, timed for about `seconds` after compiling."""
+    n = _MATMUL_SIZE
+    x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices(backend="cpu")[0])
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(x, x).block_until_ready()  # compile and warm up outside the timed loop
+    count, start = 0, time.perf_counter()
+    while count == 0 or time.perf_counter() - start < seconds:
+        matmul(x, x).block_until_ready()
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+@functools.cache
+def _measured_cpu_flops() -> float:
+    return measure_cpu_flops()
+
+
+def device_peak_flops(device: jax.Device, configured: float = 0.0) -> float:
+    """Returns the peak FLOP/s of one device: configured, else known, else measured; 0 if none."""
+    if configured > 0:
+        return float(configured)
+    peak = _table_peak_flops(device.device_kind)
+    if peak > 0:
+        return peak
+    if device.platform == "cpu":
+        # Fake CPU devices share the host's cores, so each gets an equal share.
+        return _measured_cpu_flops() / len(jax.local_devices(backend="cpu"))
+    logging.warning(
+        "Unknown peak FLOP/s for device kind %r; MFU is reported as 0. "
+        "Set --config.metrics.peak_flops_per_device to fix.",
+        device.device_kind,
+    )
+    return 0.0
+
+
+def mfu(
+    flops_per_token: float, tokens_per_second: float, num_devices: int, peak_flops_per_device: float
+) -> float:
+    """Returns model FLOPs utilisation as a fraction (0.0 when the peak is unknown)."""
+    if peak_flops_per_device <= 0 or num_devices <= 0:
+        return 0.0
+    return flops_per_token * tokens_per_second / (num_devices * peak_flops_per_device)
+
+
+def _to_python(name: str, value: Any) -> float | int:
+    """Turns a Python, numpy or jax scalar into a Python int or float without rounding."""
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"Metric {name!r} must be a scalar, got shape {array.shape}.")
+    if array.dtype.kind in "biu":
+        return int(array.reshape(()))
+    return float(array.reshape(()))
+
+
+def _format(name: str, value: float | int) -> str:
+    """Formats one metric for the human-readable stdout line."""
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return str(value)
+    if name == "mfu":
+        return f"{value:.1%}"
+    if name in ("lr", "learning_rate") or name.endswith("_lr"):
+        return f"{value:.1e}"
+    if "/s" in name or "per_sec" in name or "throughput" in name:
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+    if value == 0 or 1e-2 <= abs(value) < 1e6:
+        return f"{value:.4f}"
+    return f"{value:.3e}"
+
+
+class MetricWriter:
+    """Writes metrics to stdout, `workdir/metrics.jsonl` and `workdir/tensorboard/`.
+
+    Only process 0 writes; on other processes every method is a no-op.
+    """
+
+    def __init__(self, workdir: str | None, *, log_to_stdout: bool = True):
+        self._active = jax.process_index() == 0
+        self._log_to_stdout = log_to_stdout and self._active
+        self._jsonl = None
+        self._tb = None
+        if workdir is None or not self._active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, "metrics.jsonl")
+        # A run killed mid-line leaves a partial line; end it so the next event starts cleanly.
+        ends_mid_line = False
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                ends_mid_line = f.read(1) != b"\n"
+        self._jsonl = open(path, "a", buffering=1, encoding="utf-8")
+        if ends_mid_line:
+            self._jsonl.write("\n")
+        import tensorboardX  # deferred: only process 0 with a workdir needs it
+
+        self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        """Logs one event: `metrics` of `split` (train | val | test) at `step`."""
+        if not self._active:
+            return
+        if "step" in metrics or "split" in metrics:
+            raise ValueError("Metric names 'step' and 'split' are reserved; rename the metric.")
+        step = int(step)
+        values = {name: _to_python(name, value) for name, value in metrics.items()}
+        if self._jsonl is not None:
+            # json.dumps writes floats with repr, so float(text) gives back the same float.
+            self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(f"{split}/{name}", value, global_step=step)
+        if self._log_to_stdout:
+            fields = [f"{name} {_format(name, value)}" for name, value in values.items()]
+            print(" | ".join([f"step {step:>5}", split, *fields]), flush=True)
+
+    def flush(self) -> None:
+        """Pushes buffered JSONL lines and TensorBoard events to disk."""
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the files; later writes only go to stdout."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Parses a metrics.jsonl (or the one in a workdir) into one dict per logged event."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    events = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                # Only a run killed mid-write leaves such a line; the events around it are whole.
+                logging.warning("Skipping truncated line %s:%d: %r", path, line_number, line)
+    return events

@@ -1,0 +1,116 @@
+"""Building blocks of decoder transformers: parameters with logical axes, RMSNorm, RoPE,
+grouped-query attention and the SwiGLU MLP.
+
+Shape suffixes name dimensions: B batch, L sequence, D model width, H query heads,
+G key/value heads, K head width, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(
+    rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], *, stddev: float | None
+) -> nnx.Param:
+    """A float32 parameter tagged with logical axis names; stddev=None means ones."""
+    if stddev is None:
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = stddev * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+    # eager_sharding=False: shardings are derived later from these names and config rules,
+    # so creating a module never needs a mesh (notebooks, eval_shape, tests).
+    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation)."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square layer norm with a learned scale, computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("embed",), stddev=None)
+        self.eps = eps
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        x = x_BxLxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...]).astype(x_BxLxD.dtype)
+
+
+def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding in the Llama/Hugging Face layout (rotate the two halves)."""
+    half = x_BxLxNxK.shape[-1] // 2
+    inv_freq_k = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxLxK = positions_BxL[..., None].astype(jnp.float32) * inv_freq_k
+    sin, cos = jnp.sin(angle_BxLxK)[:, :, None, :], jnp.cos(angle_BxLxK)[:, :, None, :]
+    x = x_BxLxNxK.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxLxNxK.dtype)
+
+
+def attention_mask(segment_ids_BxL: jax.Array | None) -> jax.Array | None:
+    """[B, 1, L, L] mask keeping attention inside a document (causality is added separately)."""
+    if segment_ids_BxL is None:
+        return None
+    same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    return same[:, None, :, :]
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with rotary embeddings."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        out_std = 1.0 / math.sqrt(h * k) / math.sqrt(2 * cfg.n_layers)
+        self.q_DxHxK = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), stddev=d**-0.5)
+        self.k_DxGxK = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), stddev=d**-0.5)
+        self.v_DxGxK = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), stddev=d**-0.5)
+        self.o_HxKxD = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), stddev=out_std)
+        self.rope_theta = cfg.rope_theta
+        self.implementation = None if cfg.attention == "xla" else cfg.attention
+
+    def __call__(
+        self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxL: jax.Array | None
+    ) -> jax.Array:
+        dtype = x_BxLxD.dtype
+        q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.q_DxHxK[...].astype(dtype))
+        k = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.k_DxGxK[...].astype(dtype))
+        v = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.v_DxGxK[...].astype(dtype))
+        q = apply_rope(q, positions_BxL, self.rope_theta)
+        k = apply_rope(k, positions_BxL, self.rope_theta)
+        # Grouped-query attention: jax.nn.dot_product_attention shares each key/value head
+        # across n_heads // n_kv_heads query heads, and can dispatch to cuDNN flash attention.
+        out_BxLxHxK = jax.nn.dot_product_attention(
+            q, k, v, mask=mask_Bx1xLxL, is_causal=True, implementation=self.implementation
+        )
+        return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.o_HxKxD[...].astype(dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        out_std = f**-0.5 / math.sqrt(2 * cfg.n_layers)
+        self.gate_DxF = param(rngs, (d, f), ("embed", "mlp"), stddev=d**-0.5)
+        self.up_DxF = param(rngs, (d, f), ("embed", "mlp"), stddev=d**-0.5)
+        self.down_FxD = param(rngs, (f, d), ("mlp", "embed"), stddev=out_std)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        dtype = x_BxLxD.dtype
+        gate = x_BxLxD @ self.gate_DxF[...].astype(dtype)
+        up = x_BxLxD @ self.up_DxF[...].astype(dtype)
+        return (jax.nn.silu(gate) * up) @ self.down_FxD[...].astype(dtype)

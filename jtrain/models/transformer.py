@@ -1,0 +1,136 @@
+"""A decoder-only transformer in the Llama recipe, with its blocks stacked and scanned.
+
+Stacking the blocks along a leading "layers" axis keeps compile time independent of depth
+and lets one rematerialisation policy cover every block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jtrain.models import layers
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of the model; field names match the `model.*` config keys."""
+
+    vocab_size: int = 384
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    head_dim: int = 32
+    d_ff: int = 768
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "xla"
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> TransformerConfig:
+        """Builds the config from `config.model`, ignoring keys other models use."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
+        d, h, g, k, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
+        matmul_params = self.n_layers * (2 * d * h * k + 2 * d * g * k + 3 * d * f)
+        matmul_params += d * self.vocab_size  # the output projection, tied or not
+        attention = 12 * self.n_layers * h * k * seq_len
+        return 6.0 * matmul_params + attention
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.attn = layers.Attention(cfg, rngs=rngs)
+        self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mlp = layers.MLP(cfg, rngs=rngs)
+        self.dropout_rate = cfg.dropout
+
+    def __call__(self, x_BxLxD, positions_BxL, mask, dropout_rng):
+        rng_attn, rng_mlp = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+        h = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask)
+        x_BxLxD = x_BxLxD + layers.dropout(h, self.dropout_rate, rng_attn)
+        h = self.mlp(self.mlp_norm(x_BxLxD))
+        return x_BxLxD + layers.dropout(h, self.dropout_rate, rng_mlp)
+
+
+class Transformer(nnx.Module):
+    """Token ids -> next-token logits."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_VxD = layers.param(
+            rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), stddev=cfg.d_model**-0.5
+        )
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.unembed_DxV = layers.param(
+                rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), stddev=cfg.d_model**-0.5
+            )
+
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        *,
+        positions_BxL: jax.Array | None = None,
+        segment_ids_BxL: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Returns float32 logits [B, L, V]; dropout only when a dropout_rng is given."""
+        cfg = self.cfg
+        dtype = DTYPES[cfg.dtype]
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+        mask = layers.attention_mask(segment_ids_BxL)
+        x_BxLxD = self.embed_VxD[...].astype(dtype)[tokens_BxL]
+
+        block_def, block_state = nnx.split(self.blocks)
+        layer_rngs = None
+        if dropout_rng is not None:
+            layer_rngs = jax.random.split(dropout_rng, cfg.n_layers)
+
+        def run_block(x, layer):
+            state, rng = layer
+            return nnx.merge(block_def, state)(x, positions_BxL, mask, rng), None
+
+        if cfg.remat != "none":
+            run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat])
+        x_BxLxD, _ = jax.lax.scan(run_block, x_BxLxD, (block_state, layer_rngs))
+
+        x_BxLxD = self.final_norm(x_BxLxD)
+        if cfg.tie_embeddings:
+            unembed_DxV = self.embed_VxD[...].T
+        else:
+            unembed_DxV = self.unembed_DxV[...]
+        logits_BxLxV = x_BxLxD @ unembed_DxV.astype(dtype)
+        return logits_BxLxV.astype(jnp.float32)

@@ -1,0 +1,120 @@
+"""Pure train and eval steps, generic over a Task, and their one-time jit with shardings.
+
+`train_step(state, batch) -> (state, metrics)` has no side effects: the model structure,
+the task and the optimizer are bound as keywords before jit, so only arrays are traced.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jtrain.state import TrainState
+from jtrain.tasks.base import Batch, LossOutput, Task
+
+
+def _loss_and_grads(params, batch: Batch, rng, *, graphdef, task: Task):
+    """Gradient of the summed loss (not the mean), so micro-batches add up exactly."""
+
+    def loss_fn(p):
+        out = task.loss(nnx.merge(graphdef, p), batch, dropout_rng=rng)
+        return out.loss_sum, out
+
+    grads, out = jax.grad(loss_fn, has_aux=True)(params)
+    return grads, out
+
+
+def _split_microbatches(batch: Batch, k: int) -> Batch:
+    """[B, ...] -> [k, B/k, ...], micro-batch i taking rows i, i+k, ...
+
+    Splitting rows this way keeps each device's rows on that device: the leading (sharded)
+    batch dimension is only relabelled, never moved.
+    """
+
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    task: Task,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    microbatches: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on the mean loss of the batch, accumulated over micro-batches."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = functools.partial(_loss_and_grads, graphdef=graphdef, task=task)
+    if microbatches == 1:
+        grads, out = grad_fn(state.params, batch, rng)
+    else:
+
+        def accumulate(carry, xs):
+            micro, i = xs
+            g, o = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (g, o)), None
+
+        zeros = jax.tree.map(
+            jnp.zeros_like,
+            jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], batch), rng),
+        )
+        micro_batches = _split_microbatches(batch, microbatches)
+        (grads, out), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(microbatches)))
+
+    weight = jnp.maximum(out.weight, 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        step=state.step + 1,
+    )
+    metrics = {
+        "loss": out.loss_sum / weight,
+        **{name: value / weight for name, value in out.sums.items()},
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state.step),
+        "tokens": out.weight,
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, graphdef: nnx.GraphDef, task: Task) -> LossOutput:
+    """Loss and metric sums over one batch, without dropout; the caller adds them up."""
+    return task.loss(nnx.merge(graphdef, params), batch, dropout_rng=None)
+
+
+def jit_train_step(
+    *, graphdef, task, tx, schedule, microbatches: int, state_shardings, batch_sharding
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """train_step compiled once: state in and out with its shardings, and donated."""
+    step = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        task=task,
+        tx=tx,
+        schedule=schedule,
+        microbatches=microbatches,
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnames="state",
+    )
+
+
+def jit_eval_step(*, graphdef, task, params_shardings, batch_sharding):
+    """eval_step compiled once for fixed-shape eval batches."""
+    step = functools.partial(eval_step, graphdef=graphdef, task=task)
+    return jax.jit(step, in_shardings=(params_shardings, batch_sharding))

@@ -1,0 +1,18 @@
+"""Training objectives. `get(config)` builds the Task that `config.task` names."""
+
+from __future__ import annotations
+
+from jtrain.models.transformer import TransformerConfig
+from jtrain.tasks.base import LossOutput, Task
+from jtrain.tasks.lm import LMTask
+
+TASKS = ("lm",)
+
+__all__ = ["TASKS", "LMTask", "LossOutput", "Task", "get"]
+
+
+def get(config) -> Task:
+    """The Task for `config.task`, built from `config.model`."""
+    if config.task == "lm":
+        return LMTask(TransformerConfig.from_mapping(config.model))
+    raise ValueError(f"task={config.task!r} is not known; allowed: {', '.join(TASKS)}.")

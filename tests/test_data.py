@@ -1,0 +1,285 @@
+"""Tests for jtrain.data: tokenizer, source splits, training and evaluation pipelines."""
+
+import importlib.util
+import itertools
+import pathlib
+from pydoc_data.topics import topics
+
+import numpy as np
+import pytest
+
+from jtrain.data import pipeline, sources, tokenizers
+
+_CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+TOK = tokenizers.ByteTokenizer()
+
+
+def make_config(batch_size=4, seq_len=32, seed=0, eval_steps=-1):
+    spec = importlib.util.spec_from_file_location("default_config", _CONFIG_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.seed = seed
+    config.train.batch_size = batch_size
+    config.train.seq_len = seq_len
+    config.eval.steps = eval_steps
+    return config
+
+
+def take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def train_stream():
+    return pipeline._split_stream("pydoc_topics", "byte", "train")
+
+
+def find_row(stream_bytes, row):
+    """Returns the token position of `row` in the stream, or -1."""
+    at = stream_bytes.find(row.astype("<i4").tobytes())
+    assert at % 4 == 0
+    return at // 4
+
+
+# Tokenizer.
+
+
+@pytest.mark.parametrize("text", ["", "hello, world", "héllo — 你好 🙂\n\ttabs"])
+def test_byte_tokenizer_round_trip(text):
+    ids = TOK.encode(text)
+    assert ids.dtype == np.int32
+    assert ids[0] == TOK.bos_id and ids[-1] == TOK.eos_id
+    np.testing.assert_array_equal(ids[1:-1], list(text.encode("utf-8")))
+    assert TOK.decode(ids) == text
+    assert TOK.decode(TOK.encode(text, add_bos=False, add_eos=False)) == text
+    assert TOK.encode(text, add_bos=False, add_eos=False).size == len(text.encode("utf-8"))
+
+
+def test_byte_tokenizer_specials():
+    assert (TOK.vocab_size, TOK.pad_id, TOK.bos_id, TOK.eos_id) == (259, 256, 257, 258)
+    np.testing.assert_array_equal(TOK.encode("a", add_eos=False), [257, 97])
+    np.testing.assert_array_equal(TOK.encode("a", add_bos=False), [97, 258])
+    assert TOK.decode([257, 104, 256, 105, 258, 999, -3]) == "hi"
+    assert TOK.decode(np.array([[104], [105]])) == "hi"
+    assert TOK.decode([0xC3]) == "\ufffd"  # a truncated UTF-8 sequence
+
+
+def test_get_tokenizer():
+    assert isinstance(tokenizers.get_tokenizer("byte"), tokenizers.ByteTokenizer)
+    with pytest.raises(ValueError, match="'bpe'.*allowed: byte"):
+        tokenizers.get_tokenizer("bpe")
+
+
+# Sources.
+
+
+def test_split_of_known_values():
+    # sha256-based, so these hold on every machine and under any PYTHONHASHSEED.
+    known = {"": "val", "a": "train", "jtrain": "test", "über": "train", "calls": "test"}
+    assert {key: sources.split_of(key) for key in known} == known
+    assert sources.split_of("a", fractions=(0.0, 0.0, 1.0)) == "test"
+    with pytest.raises(ValueError, match="summing to 1"):
+        sources.split_of("a", fractions=(0.5, 0.5, 0.5))
+
+
+def test_pydoc_topics_splits():
+    docs = sources.load_source("pydoc_topics")
+    assert set(docs) == set(sources.SPLITS)
+    assert sum(len(d) for d in docs.values()) == len(topics)  # each topic in exactly one split
+    total = sum(len(text.encode()) for text in topics.values())
+    for split in sources.SPLITS:
+        in_split = set(docs[split])
+        assert docs[split] == [topics[n] for n in sorted(topics) if topics[n] in in_split]
+        assert sum(len(text.encode()) for text in docs[split]) >= 0.05 * total
+    docs["train"].clear()  # callers get copies
+    assert sources.load_source("pydoc_topics")["train"]
+    with pytest.raises(ValueError, match="'wiki'.*allowed: pydoc_topics"):
+        sources.load_source("wiki")
+
+
+def test_pydoc_topics_no_shared_paragraphs_across_splits():
+    def paragraphs(texts):
+        return {p.strip() for text in texts for p in text.split("\n\n") if len(p.strip()) >= 200}
+
+    docs = sources.pydoc_topics()
+    train = paragraphs(docs["train"])
+    assert not train & paragraphs(docs["val"])
+    assert not train & paragraphs(docs["test"])
+    assert not paragraphs(docs["val"]) & paragraphs(docs["test"])
+
+
+def test_token_stream():
+    stream = pipeline.token_stream(["ab", "é"], TOK)
+    np.testing.assert_array_equal(stream, [257, 97, 98, 258, 257, 0xC3, 0xA9, 258])
+    assert stream.dtype == np.int32
+    assert pipeline.token_stream([], TOK).shape == (0,)
+    counts = pipeline.split_token_counts(make_config())
+    for split, docs in sources.pydoc_topics().items():
+        assert counts[split] == sum(len(d.encode()) + 2 for d in docs)
+
+
+# Training pipeline.
+
+
+def test_train_batches_shapes_and_shift():
+    config = make_config(batch_size=4, seq_len=32)
+    stream_bytes = train_stream().astype("<i4").tobytes()
+    for batch in take(pipeline.make_train_iterator(config), 5):
+        assert set(batch) == {"inputs", "targets", "mask"}
+        assert batch["inputs"].shape == batch["targets"].shape == batch["mask"].shape == (4, 32)
+        assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
+        assert batch["mask"].dtype == np.float32
+        np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+        np.testing.assert_array_equal(batch["mask"], 1.0)  # no PAD in the train stream
+        for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True):
+            row = np.concatenate([inputs, targets[-1:]])
+            assert find_row(stream_bytes, row) >= 0  # a real slice of the train stream
+
+
+def test_train_deterministic_per_seed():
+    config = make_config(seed=3)
+    first = take(pipeline.make_train_iterator(config), 4)
+    assert_batches_equal(first, take(pipeline.make_train_iterator(config), 4))
+    other = take(pipeline.make_train_iterator(make_config(seed=4)), 4)
+    assert not np.array_equal(first[0]["inputs"], other[0]["inputs"])
+
+
+def test_train_epochs_cover_rows_in_new_order_and_offset():
+    seq_len, batch_size, epochs = 4096, 2, 3
+    row_len = seq_len + 1
+    stream = train_stream()
+    stream_bytes = stream.astype("<i4").tobytes()
+    rows_per_epoch = pipeline.train_rows_per_epoch(stream.size, seq_len)
+    num_batches = -(-epochs * rows_per_epoch // batch_size)
+    batches = take(pipeline.make_train_iterator(make_config(batch_size, seq_len)), num_batches)
+    rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1) for b in batches])
+    orders, offsets = [], []
+    for epoch in range(epochs):
+        epoch_rows = rows[epoch * rows_per_epoch : (epoch + 1) * rows_per_epoch]
+        # The corpus repeats some passages, so take the most common cut offset, then look
+        # every row up among the rows cut at that offset.
+        starts = [find_row(stream_bytes, row) for row in epoch_rows]
+        offset = np.bincount(np.array(starts) % row_len).argmax()
+        cut = stream[offset + np.arange(rows_per_epoch)[:, None] * row_len + np.arange(row_len)]
+        index = {row.tobytes(): j for j, row in enumerate(cut)}
+        order = [index[row.tobytes()] for row in epoch_rows]
+        assert sorted(order) == list(range(rows_per_epoch))  # every row exactly once
+        orders.append(order)
+        offsets.append(offset)
+    assert orders[0] != orders[1] != orders[2] != orders[0]
+    assert len(set(offsets)) > 1
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_global_batch_independent_of_process_count(process_count):
+    config = make_config(batch_size=8, seq_len=16, seed=1)
+    steps = 6
+    single = take(pipeline.make_train_iterator(config), steps)
+    locals_ = [
+        take(
+            pipeline.make_train_iterator(config, process_index=p, process_count=process_count),
+            steps,
+        )
+        for p in range(process_count)
+    ]
+    for step in range(steps):
+        for key in single[step]:
+            assert locals_[0][step][key].shape[0] == 8 // process_count
+            joined = np.concatenate([local[step][key] for local in locals_])
+            np.testing.assert_array_equal(joined, single[step][key])
+
+
+def test_train_state_restore_mid_epoch():
+    config = make_config(batch_size=4, seq_len=64, seed=2)
+    iterator = pipeline.make_train_iterator(config)
+    take(iterator, 7)
+    state = iterator.get_state()
+    expected = take(iterator, 5)
+    restored = pipeline.make_train_iterator(config)
+    restored.set_state(state)
+    assert_batches_equal(take(restored, 5), expected)
+
+
+# Evaluation.
+
+
+@pytest.mark.parametrize("split", sources.SPLITS)
+def test_eval_covers_split_once(split):
+    config = make_config(batch_size=8, seq_len=100)
+    stream = pipeline._split_stream("pydoc_topics", "byte", split)
+    batches = list(pipeline.eval_batches(config, split))
+    for batch in batches:
+        assert batch["inputs"].shape == batch["targets"].shape == batch["mask"].shape == (8, 100)
+        assert batch["inputs"].dtype == np.int32 and batch["mask"].dtype == np.float32
+    mask = np.concatenate([b["mask"] for b in batches]).reshape(-1)
+    targets = np.concatenate([b["targets"] for b in batches]).reshape(-1)
+    assert mask.sum() == stream.size - 1  # every token after the first is predicted once
+    np.testing.assert_array_equal(targets[mask > 0], stream[1:])
+    assert (targets[mask == 0] == TOK.pad_id).all()
+    assert_batches_equal(batches, list(pipeline.eval_batches(config, split)))
+
+
+def test_eval_steps_cap_and_processes():
+    config = make_config(batch_size=4, seq_len=50, eval_steps=3)
+    capped = list(pipeline.eval_batches(config, "val"))
+    assert len(capped) == 3
+    config.eval.steps = -1
+    full = list(pipeline.eval_batches(config, "val"))
+    assert len(full) > 3
+    assert_batches_equal(capped, full[:3])
+    halves = [
+        list(pipeline.eval_batches(config, "val", process_index=p, process_count=2)) for p in (0, 1)
+    ]
+    assert len(halves[0]) == len(halves[1]) == len(full)
+    for step, batch in enumerate(full):
+        for key in batch:
+            joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key])
+
+
+# Config errors.
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("data.source", "wiki", r"data.source='wiki'.*allowed: pydoc_topics"),
+        ("data.tokenizer", "bpe", r"data.tokenizer='bpe'.*allowed: byte"),
+        ("train.seq_len", 0, r"train.seq_len must be an integer >= 1, got 0"),
+        ("train.batch_size", 0, r"train.batch_size must be an integer >= 1"),
+        ("train.seq_len", 10**7, r"train.seq_len=10000000 is too long.*at most"),
+    ],
+)
+def test_bad_config_values(field, value, match):
+    config = make_config()
+    section, key = field.split(".")
+    setattr(config[section], key, value)
+    with pytest.raises(ValueError, match=match):
+        pipeline.make_train_iterator(config)
+    if field != "train.seq_len" or value < 1:  # a long seq_len is fine for evaluation
+        with pytest.raises(ValueError, match=match):
+            pipeline.eval_batches(config, "val")
+
+
+@pytest.mark.parametrize("steps", [0, -2])
+def test_bad_eval_steps(steps):
+    with pytest.raises(ValueError, match=rf"eval.steps must be -1 .* got {steps}"):
+        pipeline.eval_batches(make_config(eval_steps=steps), "val")
+
+
+def test_bad_process_layout_and_split():
+    config = make_config(batch_size=6)
+    with pytest.raises(ValueError, match=r"batch_size=6.*divisible by the 4 processes"):
+        pipeline.make_train_iterator(config, process_count=4)
+    with pytest.raises(ValueError, match=r"process_index=2 must be < process_count=2"):
+        pipeline.eval_batches(config, "val", process_index=2, process_count=2)
+    with pytest.raises(ValueError, match=r"Unknown split 'dev'.*train, val, test"):
+        pipeline.eval_batches(config, "dev")
