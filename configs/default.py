@@ -15,12 +15,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.vocab_size = 384  # >= the tokenizer's 259 ids, padded to a multiple of 128
-    c.model.d_model = 256  # width of the residual stream
+    c.model.d_model = 128  # width of the residual stream
     c.model.n_layers = 4  # transformer blocks (scanned, so compile time does not grow)
-    c.model.n_heads = 8  # query heads
-    c.model.n_kv_heads = 4  # key/value heads (grouped-query attention); divides n_heads
+    c.model.n_heads = 4  # query heads
+    c.model.n_kv_heads = 2  # key/value heads (grouped-query attention); divides n_heads
     c.model.head_dim = 32  # per-head width
-    c.model.d_ff = 768  # SwiGLU hidden width
+    c.model.d_ff = 384  # SwiGLU hidden width
     c.model.rope_theta = 10_000.0  # rotary embedding base
     c.model.norm_eps = 1e-5  # RMSNorm epsilon
     c.model.tie_embeddings = True  # output projection shares the input embedding
@@ -34,17 +34,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = "byte"  # bytes 0-255 plus PAD/BOS/EOS
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 600  # optimizer updates
+    c.train.steps = 300  # optimizer updates
     c.train.batch_size = 32  # global batch, in sequences
     c.train.seq_len = 128  # tokens per sequence
     c.train.microbatches = 1  # gradient accumulation: the batch is split into this many parts
     c.train.log_every = 50  # steps between train metric logs
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 200  # steps between validation passes (0 = only at the end)
+    c.eval.every_steps = 100  # steps between validation passes (0 = only at the end)
     c.eval.steps = -1  # batches per validation pass (-1 = the whole split)
     c.eval.sample_tokens = 200  # bytes generated from a prompt at the end (0 = none)
     c.eval.sample_prompt = "The for statement"  # prompt for the end-of-run sample
+    c.eval.sample_temperature = 0.7  # 0 = greedy; sampling avoids greedy's loops
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel replicas (-1 = all remaining devices)

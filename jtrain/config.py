@@ -6,6 +6,7 @@ this module checks the values, and names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -65,6 +66,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0 (0 = at the end)")
     _require(e.steps == -1 or e.steps > 0, "eval.steps", e.steps, "must be -1 (all) or positive")
     _require(e.sample_tokens >= 0, "eval.sample_tokens", e.sample_tokens, "must be >= 0")
+    temperature = e.sample_temperature
+    _require(temperature >= 0, "eval.sample_temperature", temperature, "must be >= 0 (0 = greedy)")
 
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
@@ -127,3 +130,13 @@ def save_json(config: ml_collections.ConfigDict, workdir: str) -> str:
         json.dump(config.to_dict(), f, indent=2, sort_keys=True)
         f.write("\n")
     return path
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a config file, as --config does (for notebooks and tests)."""
+    spec = importlib.util.spec_from_file_location("jtrain_config_file", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load a config from {path!r}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -62,7 +62,7 @@ def parse_rules(rules_cfg: Mapping[str, str]) -> Rules:
         unknown = [a for a in axes if a not in MESH_AXES]
         if unknown:
             raise ValueError(
-                f"mesh.rules.{logical}={value!r} names unknown mesh axes {unknown}; "
+                f"config.mesh.rules.{logical}={value!r} is invalid: unknown mesh axes {unknown}; "
                 f"allowed: {', '.join(MESH_AXES)} (comma-separated) or '' for replicated."
             )
         rules[logical] = axes

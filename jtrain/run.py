@@ -136,5 +136,12 @@ def _print_sample(exp: Experiment, params, config) -> None:
         max_new_tokens=config.eval.sample_tokens,
         window=config.train.seq_len,
         stop_id=tokenizer.eos_id,
+        temperature=config.eval.sample_temperature,
+        seed=config.seed,
     )
-    print(f"sample (greedy):\n{prompt}{tokenizer.decode(new)}", flush=True)
+    how = (
+        f"temperature {config.eval.sample_temperature}"
+        if config.eval.sample_temperature
+        else "greedy"
+    )
+    print(f"sample ({how}):\n{prompt}{tokenizer.decode(new)}", flush=True)

@@ -64,11 +64,9 @@ def train_step(
             g, o = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
             return jax.tree.map(jnp.add, carry, (g, o)), None
 
-        zeros = jax.tree.map(
-            jnp.zeros_like,
-            jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], batch), rng),
-        )
         micro_batches = _split_microbatches(batch, microbatches)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rng))
         (grads, out), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(microbatches)))
 
     weight = jnp.maximum(out.weight, 1.0)

@@ -28,6 +28,19 @@ def param(
     return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
 
 
+def dense(x: jax.Array, kernel: jax.Array, *, contract: int = 1) -> jax.Array:
+    """Contracts x's last `contract` dims with kernel's first ones, in kernel's dtype cast to x's.
+
+    Done as one 2-D matmul: XLA:CPU runs the gradients of batched [B, L, D] dots about 1.5x
+    slower than the same work flattened to [B*L, D] (measured), and the reshapes are free.
+    """
+    in_shape, out_shape = kernel.shape[:contract], kernel.shape[contract:]
+    lead = x.shape[: x.ndim - contract]
+    x_2d = x.reshape(-1, math.prod(in_shape))
+    kernel_2d = kernel.reshape(math.prod(in_shape), math.prod(out_shape)).astype(x.dtype)
+    return (x_2d @ kernel_2d).reshape(*lead, *out_shape)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation)."""
     if rng is None or rate == 0.0:
@@ -85,10 +98,9 @@ class Attention(nnx.Module):
     def __call__(
         self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxL: jax.Array | None
     ) -> jax.Array:
-        dtype = x_BxLxD.dtype
-        q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.q_DxHxK[...].astype(dtype))
-        k = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.k_DxGxK[...].astype(dtype))
-        v = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.v_DxGxK[...].astype(dtype))
+        q = dense(x_BxLxD, self.q_DxHxK[...])
+        k = dense(x_BxLxD, self.k_DxGxK[...])
+        v = dense(x_BxLxD, self.v_DxGxK[...])
         q = apply_rope(q, positions_BxL, self.rope_theta)
         k = apply_rope(k, positions_BxL, self.rope_theta)
         # Grouped-query attention: jax.nn.dot_product_attention shares each key/value head
@@ -96,7 +108,7 @@ class Attention(nnx.Module):
         out_BxLxHxK = jax.nn.dot_product_attention(
             q, k, v, mask=mask_Bx1xLxL, is_causal=True, implementation=self.implementation
         )
-        return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.o_HxKxD[...].astype(dtype))
+        return dense(out_BxLxHxK, self.o_HxKxD[...], contract=2)
 
 
 class MLP(nnx.Module):
@@ -110,7 +122,6 @@ class MLP(nnx.Module):
         self.down_FxD = param(rngs, (f, d), ("mlp", "embed"), stddev=out_std)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        dtype = x_BxLxD.dtype
-        gate = x_BxLxD @ self.gate_DxF[...].astype(dtype)
-        up = x_BxLxD @ self.up_DxF[...].astype(dtype)
-        return (jax.nn.silu(gate) * up) @ self.down_FxD[...].astype(dtype)
+        gate = dense(x_BxLxD, self.gate_DxF[...])
+        up = dense(x_BxLxD, self.up_DxF[...])
+        return dense(jax.nn.silu(gate) * up, self.down_FxD[...])

@@ -132,5 +132,4 @@ class Transformer(nnx.Module):
             unembed_DxV = self.embed_VxD[...].T
         else:
             unembed_DxV = self.unembed_DxV[...]
-        logits_BxLxV = x_BxLxD @ unembed_DxV.astype(dtype)
-        return logits_BxLxV.astype(jnp.float32)
+        return layers.dense(x_BxLxD, unembed_DxV).astype(jnp.float32)
