@@ -28,10 +28,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # rematerialise each block: none | full | dots (save matmuls)
     c.model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+    c.model.init_from = ""  # start from the parameters of a jtrain workdir/checkpoint dir
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "pydoc_topics"  # the embedded corpus: CPython's pydoc_data.topics
+    # pydoc_topics (the embedded CPython docs) | prepared:DIR | files:GLOB (.jsonl/.txt[.gz]),
+    # or a weighted mixture of them: "prepared:/data/web=0.7,pydoc_topics=0.3".
+    c.data.source = "pydoc_topics"
     c.data.tokenizer = "byte"  # bytes 0-255 plus PAD/BOS/EOS
+    c.data.text_field = "text"  # files: sources: the JSONL field that holds a document's text
+    c.data.packing = True  # whole documents per row with segment ids; False = one cut stream
+    c.data.workers = 0  # Grain worker processes building batches (0 = in the training process)
+    c.data.prefetch = 2  # batches built ahead in a background thread (0 = none)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300  # optimizer updates
@@ -39,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.seq_len = 128  # tokens per sequence
     c.train.microbatches = 1  # gradient accumulation: the batch is split into this many parts
     c.train.log_every = 50  # steps between train metric logs
+    c.train.on_nonfinite = "halt"  # a NaN/inf loss or gradient: halt | skip (drop that update)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 100  # steps between validation passes (0 = only at the end)
@@ -46,6 +54,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.sample_tokens = 200  # bytes generated from a prompt at the end (0 = none)
     c.eval.sample_prompt = "The for statement"  # prompt for the end-of-run sample
     c.eval.sample_temperature = 0.7  # 0 = greedy; sampling avoids greedy's loops
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100  # steps between async saves (0 = only at the end)
+    c.checkpoint.keep = 3  # most recent checkpoints kept
+    c.checkpoint.keep_best = True  # also keep the one with the lowest validation loss
+    c.checkpoint.overwrite = False  # True: delete a different run's checkpoints in workdir
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel replicas (-1 = all remaining devices)

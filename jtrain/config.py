@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import ml_collections
 
@@ -56,6 +57,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     t = config.train
     _positive_ints(config, ["train.steps", "train.batch_size", "train.seq_len"])
     _positive_ints(config, ["train.microbatches", "train.log_every"])
+    _one_of("train.on_nonfinite", t.on_nonfinite, ("halt", "skip"))
     _require(
         t.batch_size % t.microbatches == 0,
         "train.microbatches",
@@ -68,6 +70,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(e.sample_tokens >= 0, "eval.sample_tokens", e.sample_tokens, "must be >= 0")
     temperature = e.sample_temperature
     _require(temperature >= 0, "eval.sample_temperature", temperature, "must be >= 0 (0 = greedy)")
+
+    ck = config.checkpoint
+    every = ck.every_steps
+    _require(every >= 0, "checkpoint.every_steps", every, "must be >= 0 (0 = only at the end)")
+    _require(ck.keep >= 1, "checkpoint.keep", ck.keep, "must be at least 1")
+    init_from = config.model.init_from
+    _require(
+        not init_from or os.path.isdir(init_from),
+        "model.init_from",
+        init_from,
+        "must be '' or an existing jtrain workdir or checkpoints directory",
+    )
 
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
@@ -134,6 +148,11 @@ def save_json(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def load(path: str) -> ml_collections.ConfigDict:
     """Loads `get_config()` from a config file, as --config does (for notebooks and tests)."""
+    # Variants import their base as `from configs import default`: make the folder that holds
+    # configs/ importable, wherever the caller runs from.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location("jtrain_config_file", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load a config from {path!r}: not a Python file")

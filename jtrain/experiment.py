@@ -38,12 +38,21 @@ class Experiment:
     _init_fn: Callable
 
     @classmethod
-    def from_config(cls, config, devices: Sequence[jax.Device] | None = None) -> Experiment:
-        """Builds the mesh and shardings and jits the steps (compilation happens on first use)."""
+    def from_config(
+        cls,
+        config,
+        devices: Sequence[jax.Device] | None = None,
+        *,
+        task: tasks.Task | None = None,
+    ) -> Experiment:
+        """Builds the mesh and shardings and jits the steps (compilation happens on first use).
+
+        `task` replaces the one `config.task` names (a custom objective from a notebook).
+        """
         mesh = mesh_lib.make_mesh(config.mesh, devices)
         rules = mesh_lib.parse_rules(config.mesh.rules)
         _check_batch_divides(config, mesh_lib.batch_shards(mesh, rules))
-        task = tasks.get(config)
+        task = tasks.get(config) if task is None else task
         tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.train.steps)
 
         def init_fn(rng: jax.Array) -> TrainState:
@@ -55,6 +64,7 @@ class Experiment:
                 opt_state=tx.init(params),
                 step=jnp.zeros((), jnp.int32),
                 rng=dropout_rng,
+                skipped=jnp.zeros((), jnp.int32),
             )
 
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.make_model(nnx.Rngs(0))))
@@ -87,6 +97,14 @@ class Experiment:
                 batch_sharding=batch_sharding,
             ),
             _init_fn=init_fn,
+        )
+
+    def abstract_sharded_state(self) -> TrainState:
+        """Shapes, dtypes and target shardings of the state: what a restore fills in."""
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state,
+            self.state_shardings,
         )
 
     def init_state(self, seed: int | None = None) -> TrainState:

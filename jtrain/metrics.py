@@ -112,8 +112,10 @@ def _format(name: str, value: float | int) -> str:
         return f"{value:.1%}"
     if name in ("lr", "learning_rate") or name.endswith("_lr"):
         return f"{value:.1e}"
-    if "/s" in name or "per_sec" in name or "throughput" in name:
+    if "/s" in name or "per_s" in name or "throughput" in name:
         return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+    if float(value).is_integer() and abs(value) >= 1000:  # counts, e.g. tokens
+        return f"{value:,.0f}"
     if value == 0 or 1e-2 <= abs(value) < 1e6:
         return f"{value:.4f}"
     return f"{value:.3e}"

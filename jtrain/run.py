@@ -1,4 +1,4 @@
-"""The training loop: step, log, evaluate on validation, test once at the end.
+"""The training loop: resume, step, log, validate, checkpoint, test once at the end.
 
 The loop never waits on the device without need: step n's metrics are read only after
 step n+1 has been dispatched, so the device always has queued work.
@@ -7,18 +7,27 @@ step n+1 has been dispatched, so the device always has queued work.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
+from jtrain import checkpoint, generate, metrics
 from jtrain import config as config_lib
-from jtrain import generate, metrics
 from jtrain.data import pipeline, tokenizers
 from jtrain.experiment import Experiment
+from jtrain.state import TrainState
+from jtrain.tasks.base import Task
 
 MODES = ("train",)
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient under train.on_nonfinite='halt'."""
 
 
 class _Throughput:
@@ -52,37 +61,82 @@ class _Throughput:
         }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
-    """Trains per `config`, writing config.json, metrics.jsonl and TensorBoard to workdir.
+class _Preemption:
+    """Notices SIGTERM (what schedulers send before killing) so the loop can save and exit."""
 
-    Returns the final {"train": ..., "val": ..., "test": ...} metrics.
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        print("SIGTERM received: finishing this step, saving a checkpoint, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int) -> bool:
+        """True on every host at the same step once any host was asked to stop."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def _initial_state(
+    exp: Experiment, ckpts: checkpoint.Checkpoints, train_iter, config
+) -> tuple[TrainState, int]:
+    """The latest good checkpoint (with the data position), else a fresh or init_from state."""
+    restored = ckpts.restore_latest(exp.abstract_sharded_state())
+    if restored is not None:
+        state, data_state, step = restored
+        train_iter.set_state(data_state)
+        print(f"jtrain: resumed from {ckpts.directory} at step {step}", flush=True)
+        return state, step
+    state = exp.init_state()
+    if config.model.init_from:
+        params = checkpoint.load_params(config.model.init_from, exp.abstract_sharded_state().params)
+        state = state.replace(params=params)
+        print(f"jtrain: parameters initialised from {config.model.init_from}", flush=True)
+    return state, 0
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, task: Task | None = None
+) -> dict[str, dict]:
+    """Trains per `config` in workdir, resuming from its checkpoints if it has any.
+
+    Writes config.json, metrics.jsonl, TensorBoard events and checkpoints to workdir and
+    returns the last {"train": ..., "val": ..., "test": ...} metrics. `task` overrides the
+    objective that `config.task` names.
     """
     config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    config_lib.save_json(config, workdir)
     start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint.prepare_workdir(workdir, config.to_dict(), overwrite=config.checkpoint.overwrite)
+    config_lib.save_json(config, workdir)
 
-    exp = Experiment.from_config(config)
-    state = exp.init_state()
+    exp = Experiment.from_config(config, task=task)
+    ckpts = checkpoint.Checkpoints(workdir, config.checkpoint)
     t = config.train
-    print(
-        f"jtrain: {exp.param_count():,} parameters, mesh {dict(exp.mesh.shape)}, "
-        f"{t.steps} steps of {t.batch_size}x{t.seq_len} tokens",
-        flush=True,
-    )
     train_iter = pipeline.make_train_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    state, first_step = _initial_state(exp, ckpts, train_iter, config)
+    print(
+        f"jtrain: {exp.param_count():,} parameters, mesh {dict(exp.mesh.shape)}, "
+        f"steps {first_step + 1}..{t.steps} of {t.batch_size}x{t.seq_len} tokens",
+        flush=True,
     )
     throughput = _Throughput(exp, t.batch_size * t.seq_len)
     results: dict[str, dict] = {}
 
-    with metrics.MetricWriter(workdir) as writer:
-
-        def log_train(step: int, device_metrics) -> None:
-            values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-            values.update(throughput.report(step))
-            writer.write(step, "train", values)
-            results["train"] = values
+    with metrics.MetricWriter(workdir) as writer, _Preemption() as preemption:
 
         def evaluate(step: int, split: str, params) -> None:
             batches = pipeline.eval_batches(
@@ -94,41 +148,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             results[split] = exp.evaluate(params, batches)
             writer.write(step, split, results[split])
 
-        pending = None  # (step, metrics) logged once the next step is dispatched
-        for step in range(1, t.steps + 1):
+        def save(state: TrainState, val: dict | None) -> None:
+            ckpts.save(
+                state,
+                data_state=train_iter.get_state(),
+                config=config.to_dict(),
+                metrics=val,
+                started=start,
+            )
+
+        previous = None  # (step, metrics): read once the next step is dispatched
+        for step in range(first_step + 1, t.steps + 1):
             batch = exp.global_batch(next(train_iter))
             state, step_metrics = exp.train_step(state, batch)
-            if pending is not None:
-                log_train(*pending)
-                pending = None
-            if step == 1:
+            if previous is not None:
+                _after_step(*previous, writer, throughput, results, ckpts, config)
+            previous = (step, step_metrics)
+            if step == first_step + 1:
                 jax.block_until_ready(step_metrics)  # compilation is not throughput
-                writer.write(1, "train", {"compile_time": time.perf_counter() - start})
-                throughput.restart(1)
-            if step % t.log_every == 0 or step == t.steps:
-                pending = (step, step_metrics)
-            every = config.eval.every_steps
-            if step == t.steps or (every and step % every == 0):
-                if pending is not None:
-                    log_train(*pending)
-                    pending = None
-                evaluate(step, "val", state.params)
+                writer.write(step, "train", {"compile_time": time.perf_counter() - start})
                 throughput.restart(step)
 
-        evaluate(
-            t.steps, "test", state.params
-        )  # the test split is touched exactly once, at the end
+            every_eval, every_ckpt = config.eval.every_steps, config.checkpoint.every_steps
+            do_eval = step == t.steps or (every_eval and step % every_eval == 0)
+            do_save = step == t.steps or (every_ckpt and step % every_ckpt == 0)
+            preempted = preemption.reached(step)
+            if do_eval or do_save or preempted:
+                _after_step(*previous, writer, throughput, results, ckpts, config)
+                previous = None
+            if do_eval:
+                evaluate(step, "val", state.params)
+            if do_save or preempted:
+                save(state, results.get("val") if do_eval else None)
+            if do_eval:
+                throughput.restart(step)
+            if preempted:
+                ckpts.wait()
+                print(f"jtrain: preempted; saved step {step} in {ckpts.directory}", flush=True)
+                ckpts.close()
+                return results
+
+        ckpts.wait()
+        if first_step == t.steps:
+            evaluate(t.steps, "val", state.params)  # resumed a finished run: report it again
+        evaluate(t.steps, "test", state.params)  # the test split is touched once, at the end
         writer.write(t.steps, "train", {"wall_time": time.perf_counter() - start})
+    ckpts.close()
 
     if config.eval.sample_tokens:
         _print_sample(exp, state.params, config)
     return results
 
 
+def _after_step(step, step_metrics, writer, throughput, results, ckpts, config) -> None:
+    """Applies the non-finite policy to a finished step and logs it when due."""
+    if float(step_metrics["nonfinite"]):
+        steps = ckpts.steps()
+        last = f"step {steps[-1]} in {ckpts.directory}" if steps else "none yet"
+        if config.train.on_nonfinite == "halt":
+            ckpts.wait()
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step}; its update was not applied. "
+                f"Last good checkpoint: {last}. Lower optimizer.lr, check the data, or set "
+                "--config.train.on_nonfinite=skip to drop such steps and go on."
+            )
+        print(f"warning: non-finite loss or gradient at step {step}; update skipped", flush=True)
+    if step % config.train.log_every == 0 or step == config.train.steps:
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        values.update(throughput.report(step))
+        writer.write(step, "train", values)
+        results["train"] = values
+
+
 def _print_sample(exp: Experiment, params, config) -> None:
     tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
     prompt = config.eval.sample_prompt
     ids = tokenizer.encode(prompt, add_bos=True, add_eos=False)
+    temperature = config.eval.sample_temperature
     new = generate.sample(
         exp.graphdef,
         params,
@@ -136,12 +232,8 @@ def _print_sample(exp: Experiment, params, config) -> None:
         max_new_tokens=config.eval.sample_tokens,
         window=config.train.seq_len,
         stop_id=tokenizer.eos_id,
-        temperature=config.eval.sample_temperature,
+        temperature=temperature,
         seed=config.seed,
     )
-    how = (
-        f"temperature {config.eval.sample_temperature}"
-        if config.eval.sample_temperature
-        else "greedy"
-    )
+    how = f"temperature {temperature}" if temperature else "greedy"
     print(f"sample ({how}):\n{prompt}{tokenizer.decode(new)}", flush=True)

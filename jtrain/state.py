@@ -18,5 +18,6 @@ class TrainState:
 
     params: Any  # nnx.State of Params, each tagged with logical axis names
     opt_state: Any  # optax state; its moments keep the Param wrappers and names
-    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    step: jax.Array  # int32 scalar: training steps taken (batches consumed)
     rng: jax.Array  # base key; step n uses fold_in(rng, n), so resuming needs no key history
+    skipped: jax.Array  # int32 scalar: steps whose update was dropped for a non-finite loss

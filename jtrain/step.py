@@ -71,18 +71,26 @@ def train_step(
 
     weight = jnp.maximum(out.weight, 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
+    loss, grad_norm = out.loss_sum / weight, optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient must not reach the weights: keep the old params and
+    # optimizer state, and count the step. The loop then halts or goes on, by policy.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     new_state = state.replace(
-        params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
+        params=keep_if_finite(params, state.params),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
         step=state.step + 1,
+        skipped=state.skipped + jnp.where(finite, 0, 1).astype(state.skipped.dtype),
     )
     metrics = {
-        "loss": out.loss_sum / weight,
+        "loss": loss,
         **{name: value / weight for name, value in out.sums.items()},
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
         "lr": schedule(state.step),
         "tokens": out.weight,
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
     return new_state, metrics
 

@@ -1,18 +1,29 @@
-"""Text sources: named corpora that hand out documents per split.
+"""Sources: where the documents of each split come from, as text and as token ids.
 
-A source is a function returning `{split: [document text, ...]}` for every split in `SPLITS`,
-registered by name in `_SOURCES`. Splits are assigned with `split_of`, a hash of a document
-key alone, so they never depend on Python's hash seed or the input order. This issue ships one
-source, the CPython docs embedded in every install; prepared ArrayRecord datasets become
-further entries of the registry.
+A named source is a function returning `{split: [document text, ...]}` for every split in
+`SPLITS`, registered by name in `_SOURCES` (the CPython docs embedded in every install).
+Splits are assigned with `split_of`, a hash of a document key alone, so they never depend on
+Python's hash seed or the input order. `data.source` names one source or a weighted mixture
+(`parse_spec`): a registered name, `prepared:DIR` (ArrayRecord shards of int32 token ids
+written by `jtrain.data.prepare`) or `files:GLOB` (.jsonl/.txt, optionally gzipped, split by
+the sha256 of each text and tokenized when first used). `load_documents` gives one split of
+one source as `Documents`: token-id documents by index, with their lengths.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import glob
+import gzip
 import hashlib
+import json
+import logging
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
 
 SPLITS = ("train", "val", "test")
 
@@ -97,3 +108,329 @@ def load_source(name: str) -> dict[str, list[str]]:
     if name not in _SOURCES:
         raise ValueError(f"Unknown data source {name!r}; allowed: {', '.join(source_names())}.")
     return _SOURCES[name]()
+
+
+# Source specs: what config.data.source names.
+
+PREPARED, FILES = "prepared:", "files:"
+_TEXT_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".txt.gz")
+_ALLOWED = (
+    "{names}, prepared:DIR (a directory written by `python -m jtrain.data.prepare`), "
+    "files:GLOB (.jsonl or .txt files, optionally .gz, tokenized on the fly), or a weighted "
+    "mixture such as 'prepared:/data/web=0.7,pydoc_topics=0.3'"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One source of `data.source`: a registered name, a prepared directory or a file glob."""
+
+    kind: str  # "named" | "prepared" | "files"
+    target: str  # the name, the directory or the glob
+    weight: float = 1.0  # mixture weight (relative)
+
+    def __str__(self) -> str:
+        prefix = {"named": "", "prepared": PREPARED, "files": FILES}[self.kind]
+        return f"{prefix}{self.target}"
+
+
+def _bad_spec(spec, problem: str) -> ValueError:
+    allowed = _ALLOWED.format(names=", ".join(source_names()))
+    return ValueError(f"data.source={spec!r} is invalid: {problem}; allowed: {allowed}.")
+
+
+def _parse_item(spec: str, item: str) -> SourceSpec:
+    body, weight = item, 1.0
+    head, sep, tail = item.rpartition("=")
+    if sep:
+        try:
+            weight = float(tail)
+        except ValueError:
+            weight = 1.0  # an "=" inside a path, not a weight
+        else:
+            body = head.strip()
+            if not (math.isfinite(weight) and weight > 0):
+                raise _bad_spec(spec, f"the weight of {body!r} must be a positive number")
+    for kind, prefix in (("prepared", PREPARED), ("files", FILES)):
+        if body.startswith(prefix):
+            target = body[len(prefix) :].strip()
+            if not target:
+                raise _bad_spec(spec, f"{body!r} names no path")
+            return SourceSpec(kind, target, weight)
+    if body not in _SOURCES:
+        raise _bad_spec(spec, f"{body!r} is not a known source")
+    return SourceSpec("named", body, weight)
+
+
+def parse_spec(spec) -> tuple[SourceSpec, ...]:
+    """Parses `data.source`: comma-separated sources, each with an optional `=weight`."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise _bad_spec(spec, "it must be a non-empty string")
+    items = [item.strip() for item in spec.split(",")]
+    if not all(items):
+        raise _bad_spec(spec, "it has an empty item between commas")
+    return tuple(_parse_item(spec, item) for item in items)
+
+
+# Token documents: one split of one source, by index.
+
+
+class Documents:
+    """Token-id documents of one split (each BOS ... EOS), by index; subclasses supply doc()."""
+
+    lengths: np.ndarray  # int64[n]: tokens per document
+
+    def __len__(self) -> int:
+        return int(self.lengths.size)
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """int64[n + 1]: where each document starts in the concatenation of all of them."""
+        offsets = np.zeros(self.lengths.size + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        return offsets
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in all documents."""
+        return int(self.offsets[-1])
+
+    def doc(self, index: int) -> np.ndarray:
+        """Returns document `index` as int32 token ids."""
+        raise NotImplementedError
+
+    def take(self, start: int, size: int) -> np.ndarray:
+        """Returns tokens [start, start + size) of the concatenation (fewer at its end)."""
+        pieces, index = [], int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while size > 0 and index < len(self):
+            piece = self.doc(index)[start - self.offsets[index] :][:size]
+            pieces.append(piece)
+            start, size, index = start + piece.size, size - piece.size, index + 1
+        return np.concatenate(pieces) if pieces else np.zeros((0,), dtype=np.int32)
+
+
+class InMemoryDocuments(Documents):
+    """Documents held as one int32 stream (the embedded corpus, files tokenized on the fly)."""
+
+    def __init__(self, docs: Sequence[np.ndarray]):
+        self.lengths = np.array([d.size for d in docs], dtype=np.int64)
+        stream = np.concatenate(docs) if docs else np.zeros((0,), dtype=np.int32)
+        self.stream = stream.astype(np.int32, copy=False)
+        self.stream.setflags(write=False)  # shared by every pipeline in the process
+
+    def doc(self, index: int) -> np.ndarray:
+        return self.stream[self.offsets[index] : self.offsets[index + 1]]
+
+    def take(self, start: int, size: int) -> np.ndarray:
+        return self.stream[start : start + size]
+
+
+class ArrayRecordDocuments(Documents):
+    """Documents of a prepared split: one ArrayRecord record of little-endian int32 each.
+
+    Packing plans need every length up front, so the constructor reads each record once; the
+    reader reopens lazily in every worker process, and the last few documents are cached
+    (consecutive chunks of a long document read it once).
+    """
+
+    _CACHED_DOCS = 8
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = tuple(paths)
+        self._source, self._cache = None, {}
+        source = self._reader()
+        self.lengths = np.fromiter(
+            (len(source[i]) // 4 for i in range(len(source))), dtype=np.int64, count=len(source)
+        )
+
+    def _reader(self):
+        if self._source is None:
+            import grain  # here, so that tokenizers and sources import without Grain
+
+            self._source = (
+                grain.sources.ArrayRecordDataSource(list(self.paths)) if self.paths else []
+            )
+        return self._source
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_source": None, "_cache": {}}
+
+    def doc(self, index: int) -> np.ndarray:
+        if index not in self._cache:
+            if len(self._cache) >= self._CACHED_DOCS:
+                del self._cache[next(iter(self._cache))]
+            self._cache[index] = np.frombuffer(self._reader()[index], dtype="<i4")
+        return self._cache[index]
+
+
+class ConcatDocuments(Documents):
+    """Several document sets as one, in the given order."""
+
+    def __init__(self, parts: Sequence[Documents]):
+        self.parts = tuple(parts)
+        self.lengths = np.concatenate([p.lengths for p in parts] or [np.zeros(0, np.int64)])
+        self._firsts = np.cumsum([0] + [len(p) for p in parts])
+
+    def doc(self, index: int) -> np.ndarray:
+        part = int(np.searchsorted(self._firsts, index, side="right")) - 1
+        return self.parts[part].doc(index - int(self._firsts[part]))
+
+
+def _encode_all(texts: Sequence[str], tokenizer) -> list[np.ndarray]:
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    if encode_batch is not None and texts:
+        return [np.asarray(ids, dtype=np.int32) for ids in encode_batch(list(texts))]
+    return [np.asarray(tokenizer.encode(text), dtype=np.int32) for text in texts]
+
+
+@functools.cache
+def _named_documents(name: str, tokenizer: str, split: str) -> InMemoryDocuments:
+    from jtrain.data import tokenizers
+
+    return InMemoryDocuments(
+        _encode_all(load_source(name)[split], tokenizers.get_tokenizer(tokenizer))
+    )
+
+
+# Prepared directories (written by jtrain.data.prepare).
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def prepared_shards(path: str, split: str) -> list[str]:
+    """The ArrayRecord shards of `split` in prepared directory `path`, in order."""
+    return sorted(glob.glob(os.path.join(path, split, "shard-*-of-*.array_record")))
+
+
+def read_manifest(spec: str, path: str) -> dict:
+    """Returns the manifest of prepared directory `path`, or raises a ValueError naming it."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise ValueError(
+            f"data.source={spec!r}: {path!r} is not a prepared dataset (no {MANIFEST}); "
+            f"write one with `python -m jtrain.data.prepare`, or use files:GLOB for raw text."
+        )
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"data.source={spec!r}: cannot read {manifest_path}: {err}.") from None
+    version = manifest.get("format", {}).get("version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"data.source={spec!r}: {manifest_path} has format version {version!r}; this "
+            f"jtrain reads version {FORMAT_VERSION}. Prepare the dataset again."
+        )
+    if not prepared_shards(path, "train"):
+        raise ValueError(
+            f"data.source={spec!r}: {path!r} has no train shards "
+            f"(train/shard-*-of-*.array_record); prepare the dataset again."
+        )
+    return manifest
+
+
+def check_tokenizer(spec: str, path: str, manifest: dict, tokenizer_spec: str, tokenizer) -> None:
+    """Raises a ValueError if `tokenizer` is not the one the prepared dataset was made with."""
+    described = manifest.get("tokenizer")
+    if not isinstance(described, dict):
+        raise ValueError(f"data.source={spec!r}: {path}/{MANIFEST} describes no tokenizer.")
+    fields = ("vocab_size", "bos_id", "eos_id", "pad_id")
+    theirs = {k: described[k] for k in fields if k in described}
+    ours = {k: getattr(tokenizer, k) for k in theirs}
+    if theirs != ours:
+        used = described.get("path") or described.get("type") or "?"
+        raise ValueError(
+            f"data.tokenizer={tokenizer_spec!r} ({ours}) does not match the tokenizer "
+            f"{path!r} was prepared with ({used!r}: {theirs}); set data.tokenizer to "
+            f"{used!r} or prepare the dataset with {tokenizer_spec!r}."
+        )
+
+
+@functools.cache
+def _prepared_documents(path: str, split: str) -> ArrayRecordDocuments:
+    return ArrayRecordDocuments(prepared_shards(path, split))
+
+
+# Raw files tokenized on the fly: .jsonl (one document per line) and .txt (one per file).
+
+_log = logging.getLogger(__name__)
+
+
+def text_files(spec: str, pattern: str) -> list[str]:
+    """The files `pattern` matches, sorted; raises a ValueError for none or an unknown kind."""
+    paths = sorted(
+        p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+    )
+    if not paths:
+        raise ValueError(
+            f"data.source={spec!r}: {FILES}{pattern} matches no files; check the glob."
+        )
+    unknown = [p for p in paths if not p.endswith(_TEXT_SUFFIXES)]
+    if unknown:
+        raise ValueError(
+            f"data.source={spec!r}: {unknown[0]!r} is not one of {', '.join(_TEXT_SUFFIXES)}; "
+            f"narrow the glob, or prepare other formats with `python -m jtrain.data.prepare`."
+        )
+    return paths
+
+
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _read_texts(path: str, text_field: str, skipped: list[str]) -> Iterator[str]:
+    with _open_text(path) as f:
+        if not path.endswith((".jsonl", ".jsonl.gz")):
+            yield f.read()
+            return
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[text_field]
+            except (json.JSONDecodeError, TypeError, KeyError, IndexError) as err:
+                skipped.append(f"{path}:{line_number}: {type(err).__name__} {err}")
+                continue
+            if isinstance(text, str):
+                yield text
+            else:
+                skipped.append(f"{path}:{line_number}: {text_field!r} is not a string")
+
+
+@functools.cache
+def _file_texts(pattern: str, text_field: str) -> dict[str, tuple[str, ...]]:
+    texts: dict[str, list[str]] = {split: [] for split in SPLITS}
+    skipped: list[str] = []
+    for path in text_files(f"{FILES}{pattern}", pattern):
+        for text in _read_texts(path, text_field, skipped):
+            texts[split_of(hashlib.sha256(text.encode("utf-8")).hexdigest())].append(text)
+    if skipped:
+        _log.warning(
+            "%s%s: skipped %d records without a %r string, e.g. %s",
+            FILES,
+            pattern,
+            len(skipped),
+            text_field,
+            "; ".join(skipped[:3]),
+        )
+    return {split: tuple(t) for split, t in texts.items()}
+
+
+@functools.cache
+def _file_documents(pattern: str, text_field: str, tokenizer: str, split: str) -> InMemoryDocuments:
+    from jtrain.data import tokenizers
+
+    texts = _file_texts(pattern, text_field)[split]
+    return InMemoryDocuments(_encode_all(texts, tokenizers.get_tokenizer(tokenizer)))
+
+
+def load_documents(source: SourceSpec, split: str, tokenizer: str, text_field: str) -> Documents:
+    """Returns the token documents of `split` of one source (cached per process)."""
+    if source.kind == "prepared":
+        return _prepared_documents(os.path.abspath(source.target), split)
+    if source.kind == "files":
+        return _file_documents(source.target, text_field, tokenizer, split)
+    return _named_documents(source.target, tokenizer, split)

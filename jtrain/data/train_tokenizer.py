@@ -1,0 +1,261 @@
+"""Trains a byte-level BPE tokenizer on local text.
+
+    python -m jtrain.data.train_tokenizer --input='DIR/*.txt' [--input=more.jsonl.gz] \\
+        --output=OUT_DIR --vocab_size=8000 [--text_field=text] [--min_frequency=2]
+
+Inputs are globs of plain text files (a whole file is one document) and JSON Lines files
+(`.jsonl`, one document per line in --text_field), each optionally gzip (`.gz`) or zstd (`.zst`)
+compressed. Text streams from disk into the trainer and is never all in memory; malformed
+JSON lines are skipped and counted. Writes OUT_DIR/tokenizer.json and
+OUT_DIR/tokenizer_config.json, which `tokenizers.get_tokenizer(OUT_DIR)` loads with
+<pad>, <bos>, <eos> (ids 0, 1, 2) as PAD/BOS/EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+from absl import app, flags
+
+from jtrain.data import tokenizers as jtokenizers
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
+_CHUNK_CHARS = 1 << 20  # plain text reaches the trainer in chunks of whole lines
+_SAMPLE_BYTES = 16 << 20  # compression is measured on this much of the training text
+_MAX_EXAMPLES = 3  # malformed lines quoted in the summary
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """What reading the inputs saw; bad lines are counted, never silently dropped."""
+
+    documents: int = 0
+    bytes: int = 0
+    malformed: int = 0  # JSON lines skipped
+    bad_utf8: int = 0  # text lines with invalid UTF-8, kept with U+FFFD
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def bad(self, where: str, why: str) -> None:
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{where}: {why}")
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    """The result of `train`: what was read, what was written, how well it compresses."""
+
+    output: Path
+    stats: ReadStats
+    vocab_size: int
+    bytes_per_token: float
+    sample_bytes: int  # how much text bytes_per_token was measured on
+    seconds: float
+
+    def __str__(self) -> str:
+        s = self.stats
+        lines = [
+            f"wrote {self.output / 'tokenizer.json'} and tokenizer_config.json",
+            f"documents: {s.documents:,}  bytes: {s.bytes:,}  vocab size: {self.vocab_size:,}",
+            f"compression: {self.bytes_per_token:.3f} bytes/token "
+            f"(on the first {self.sample_bytes:,} bytes of the training text)",
+            f"time: {self.seconds:.1f} s",
+        ]
+        if s.malformed or s.bad_utf8:
+            lines.append(
+                f"skipped {s.malformed:,} malformed JSON lines; "
+                f"{s.bad_utf8:,} text lines had invalid UTF-8 (kept as U+FFFD)"
+            )
+            lines += [f"  e.g. {example}" for example in s.examples]
+        return "\n".join(lines)
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Returns the files the globs `patterns` match, in order; matching none is an error."""
+    files: list[str] = []
+    for pattern in patterns:
+        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+        matched = sorted(path for path in matched if os.path.isfile(path))
+        if not matched:
+            raise ValueError(f"--input={pattern!r} matches no files.")
+        files += matched
+    return list(dict.fromkeys(files))
+
+
+def _open(path: str) -> BinaryIO:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+    return open(path, "rb")
+
+
+def _is_jsonl(path: str) -> bool:
+    return path.removesuffix(".gz").removesuffix(".zst").endswith(".jsonl")
+
+
+def _jsonl_documents(path: str, f: BinaryIO, text_field: str, stats: ReadStats):
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:  # also invalid UTF-8
+            stats.malformed += 1
+            stats.bad(f"{path}:{number}", f"not JSON ({e})")
+            continue
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            stats.malformed += 1
+            stats.bad(f"{path}:{number}", f"no string field {text_field!r}")
+            continue
+        stats.documents += 1
+        stats.bytes += len(text.encode("utf-8"))
+        yield text
+
+
+def _text_chunks(path: str, f: BinaryIO, stats: ReadStats):
+    # One document, handed over in chunks of whole lines so a huge file never sits in memory.
+    chunk: list[str] = []
+    size = number = 0
+    for number, line in enumerate(f, 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            text = line.decode("utf-8", errors="replace")
+            stats.bad_utf8 += 1
+            stats.bad(f"{path}:{number}", f"invalid UTF-8 ({e.reason})")
+        stats.bytes += len(line)
+        chunk.append(text)
+        size += len(text)
+        if size >= _CHUNK_CHARS:
+            yield "".join(chunk)
+            chunk, size = [], 0
+    if chunk:
+        yield "".join(chunk)
+    stats.documents += number > 0
+
+
+def read_documents(files: Sequence[str], text_field: str, stats: ReadStats) -> Iterator[str]:
+    """Yields the text of every document in `files` (plain text in chunks), counting in `stats`."""
+    for path in files:
+        try:
+            with _open(path) as f:
+                if _is_jsonl(path):
+                    yield from _jsonl_documents(path, f, text_field, stats)
+                else:
+                    yield from _text_chunks(path, f, stats)
+        except (OSError, EOFError, zstandard.ZstdError) as e:  # unreadable or corrupt
+            raise ValueError(f"Cannot read input file {path}: {e}") from e
+
+
+def _bytes_per_token(tok: jtokenizers.Tokenizer, docs: Iterator[str]) -> tuple[float, int]:
+    """Returns (UTF-8 bytes per token, bytes measured) over the first _SAMPLE_BYTES of `docs`."""
+    num_bytes = num_tokens = 0
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        num_bytes += len(doc.encode("utf-8"))
+        if num_bytes >= _SAMPLE_BYTES or len(batch) >= 1024:
+            num_tokens += sum(
+                ids.size for ids in tok.encode_batch(batch, add_bos=False, add_eos=False)
+            )
+            batch = []
+        if num_bytes >= _SAMPLE_BYTES:
+            break
+    num_tokens += sum(ids.size for ids in tok.encode_batch(batch, add_bos=False, add_eos=False))
+    return num_bytes / max(num_tokens, 1), num_bytes
+
+
+def train(
+    inputs: Sequence[str],
+    output: str | os.PathLike,
+    *,
+    vocab_size: int = 8000,
+    text_field: str = "text",
+    min_frequency: int = 2,
+    show_progress: bool = True,
+) -> TrainSummary:
+    """Trains a byte-level BPE on the files `inputs` match and writes it to `output`."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    start = time.perf_counter()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS) + 1:
+        raise ValueError(
+            f"--vocab_size={vocab_size} is too small: the {len(alphabet)} byte symbols and "
+            f"{len(SPECIAL_TOKENS)} special tokens come first; use at least "
+            f"{len(alphabet) + len(SPECIAL_TOKENS) + 1}."
+        )
+    output = Path(output)
+    if (output / "tokenizer.json").exists():
+        raise ValueError(
+            f"{output / 'tokenizer.json'} already exists; remove it or choose another --output."
+        )
+    files = expand_inputs(inputs)
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),  # ids 0, 1, 2 in this order
+        initial_alphabet=alphabet,
+        show_progress=show_progress,
+    )
+    stats = ReadStats()
+    tok.train_from_iterator(read_documents(files, text_field, stats), trainer=trainer)
+    if stats.documents == 0:
+        raise ValueError(f"No documents read from {len(files)} input files: {stats.examples}.")
+
+    output.mkdir(parents=True, exist_ok=True)
+    tok.save(str(output / "tokenizer.json"))
+    config = {**SPECIAL_TOKENS, "tokenizer_class": "PreTrainedTokenizerFast"}
+    (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    loaded = jtokenizers.HuggingFaceTokenizer(output / "tokenizer.json")
+    ratio, sample = _bytes_per_token(loaded, read_documents(files, text_field, ReadStats()))
+    return TrainSummary(
+        output, stats, loaded.vocab_size, ratio, sample, time.perf_counter() - start
+    )
+
+
+_INPUT = flags.DEFINE_multi_string(
+    "input", None, "Glob of input files: text, .jsonl, optionally .gz/.zst; repeatable."
+)
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for tokenizer.json and its config.")
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size, special tokens included.")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "The text field of .jsonl records.")
+_MIN_FREQUENCY = flags.DEFINE_integer("min_frequency", 2, "Fewest occurrences for a merge.")
+flags.mark_flags_as_required(["input", "output"])
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        summary = train(
+            _INPUT.value,
+            _OUTPUT.value,
+            vocab_size=_VOCAB_SIZE.value,
+            text_field=_TEXT_FIELD.value,
+            min_frequency=_MIN_FREQUENCY.value,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(summary, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

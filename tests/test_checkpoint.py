@@ -1,0 +1,252 @@
+"""Checkpoints and faults: exact resume after SIGKILL, SIGTERM preemption, non-finite
+policies, damaged and mismatched checkpoints, resharding, refusal to overwrite, init_from."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jtrain import checkpoint, run
+from jtrain import config as config_lib
+from jtrain.experiment import Experiment
+from jtrain.metrics import read_metrics
+from jtrain.models.transformer import TransformerConfig
+from jtrain.tasks.lm import LMTask
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Long enough (a few ms per step) that a kill lands mid-run, between checkpoints.
+RUN_FLAGS = [
+    "--config=configs/tiny.py",
+    "--config.train.steps=120",
+    "--config.train.log_every=1",
+    "--config.eval.every_steps=0",
+    "--config.eval.sample_tokens=0",
+    "--config.checkpoint.every_steps=7",
+]
+
+
+def start_main(workdir, *flags):
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "jtrain.main", f"--workdir={workdir}", *RUN_FLAGS, *flags]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def losses_by_step(workdir) -> dict[int, float]:
+    """The last logged train loss of every step (a resumed run logs some steps twice)."""
+    events = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    return {e["step"]: e["loss"] for e in events if e["split"] == "train" and "loss" in e}
+
+
+def wait_for_step(workdir, step, proc, timeout=120):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        if os.path.exists(path) and max(losses_by_step(workdir) or [0]) >= step:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} never logged")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    finish(start_main(workdir))
+    return losses_by_step(workdir)
+
+
+def test_sigkill_then_rerun_reproduces_every_loss_bit_for_bit(uninterrupted, tmp_path):
+    proc = start_main(tmp_path)
+    wait_for_step(tmp_path, 40, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses_by_step(tmp_path))
+    assert killed_at < 120
+    out = finish(start_main(tmp_path))
+    assert "resumed from" in out
+    assert losses_by_step(tmp_path) == uninterrupted  # exact float equality, all 120 steps
+
+
+def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes(uninterrupted, tmp_path):
+    proc = start_main(tmp_path)
+    wait_for_step(tmp_path, 40, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert "preempted; saved step" in out
+    saved = int(out.split("preempted; saved step ")[1].split()[0])
+    assert saved in checkpoint.Checkpoints(tmp_path, _ckpt_cfg()).steps()
+    out = finish(start_main(tmp_path))
+    assert f"at step {saved}" in out
+    assert losses_by_step(tmp_path) == uninterrupted
+
+
+def _ckpt_cfg():
+    return config_lib.load("configs/tiny.py").checkpoint
+
+
+def tiny(**overrides):
+    config = config_lib.load("configs/tiny.py")
+    config.eval.sample_tokens = 0
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+class PoisonedLM(LMTask):
+    """The LM loss, made NaN for any batch whose first input token is `poison`."""
+
+    def __init__(self, model_cfg, poison):
+        super().__init__(model_cfg)
+        self.poison = poison
+
+    def loss(self, model, batch, *, dropout_rng=None):
+        out = super().loss(model, batch, dropout_rng=dropout_rng)
+        nan_if_poisoned = jnp.where(batch["inputs"][0, 0] == self.poison, jnp.nan, 1.0)
+        return out.replace(loss_sum=out.loss_sum * nan_if_poisoned)
+
+
+def test_a_non_finite_step_keeps_params_and_optimizer_state_and_counts_it():
+    config = tiny()
+    task = PoisonedLM(TransformerConfig.from_mapping(config.model), poison=300)
+    exp = Experiment.from_config(config, task=task)
+    state = exp.init_state()
+    before = jax.device_get(state)
+    tokens = np.full((16, 32), 300, np.int32)
+    batch = {"inputs": tokens, "targets": tokens, "mask": np.ones((16, 32), np.float32)}
+    state, metrics = exp.train_step(state, exp.global_batch(batch))
+    after = jax.device_get(state)
+    assert float(metrics["nonfinite"]) == 1.0
+    assert int(after.skipped) == 1 and int(after.step) == 1
+    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves(before.opt_state), jax.tree.leaves(after.opt_state), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def _exploding(**overrides):
+    # Adam with a huge learning rate and no clipping: finite at step 1, non-finite from step 2.
+    return tiny(
+        optimizer__lr=1e5,
+        optimizer__clip_norm=0.0,
+        schedule__warmup_steps=0,
+        checkpoint__every_steps=1,
+        **overrides,
+    )
+
+
+def test_halt_policy_names_the_step_and_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(run.NonFiniteError, match=r"at step 2;.*Last good checkpoint: step 1"):
+        run.train_and_evaluate(_exploding(train__on_nonfinite="halt"), str(tmp_path))
+
+
+def test_skip_policy_goes_on_and_never_writes_a_non_finite_checkpoint(tmp_path):
+    run.train_and_evaluate(
+        _exploding(train__on_nonfinite="skip", train__log_every=1), str(tmp_path)
+    )
+    events = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    skipped = [e["step"] for e in events if e.get("nonfinite") == 1.0]
+    assert skipped and skipped[0] == 2
+    exp = Experiment.from_config(_exploding())
+    ckpts = checkpoint.Checkpoints(tmp_path, _exploding().checkpoint)
+    state, _, step = ckpts.restore_latest(exp.abstract_sharded_state())
+    assert step == 20 and int(state.skipped) >= len(skipped)
+    assert bool(checkpoint.all_finite(state))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 20-step tiny run with checkpoints at 10, 15 and 20 (keep=3)."""
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    config = tiny(checkpoint__every_steps=5, data__source=tiny().data.source)
+    run.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(trained, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(trained, workdir)
+    steps = checkpoint.Checkpoints(workdir, _ckpt_cfg()).steps()
+    latest = os.path.join(workdir, "checkpoints", str(steps[-1]), "state")
+    files = [os.path.join(d, f) for d, _, fs in os.walk(latest) for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+    exp = Experiment.from_config(tiny())
+    ckpts = checkpoint.Checkpoints(workdir, _ckpt_cfg())
+    _, _, step = ckpts.restore_latest(exp.abstract_sharded_state())
+    assert step == steps[-2]
+
+
+def test_checkpoint_of_another_shape_names_the_mismatched_parameters(trained):
+    exp = Experiment.from_config(tiny(model__d_ff=256))
+    ckpts = checkpoint.Checkpoints(trained, _ckpt_cfg())
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        ckpts.restore_latest(exp.abstract_sharded_state())
+    assert "params/blocks/mlp/gate_DxF: checkpoint (2, 64, 128) vs config (2, 64, 256)" in str(
+        err.value
+    )
+
+
+def test_a_different_config_refuses_the_workdir_unless_overwrite(trained, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(trained, workdir)
+    with pytest.raises(checkpoint.CheckpointError, match=r"model.d_ff: 128 -> 256"):
+        run.train_and_evaluate(tiny(model__d_ff=256), workdir)
+    assert checkpoint.Checkpoints(workdir, _ckpt_cfg()).steps()  # nothing was deleted
+    run.train_and_evaluate(tiny(model__d_ff=256, checkpoint__overwrite=True), workdir)
+
+
+@pytest.mark.parametrize(
+    "mesh, devices",
+    [(dict(data=2, fsdp=2, tensor=2), 8), (dict(data=1, fsdp=1, tensor=1), 1)],
+)
+def test_restore_onto_another_mesh_gives_identical_values(trained, mesh, devices):
+    saved_exp = Experiment.from_config(tiny())
+    saved, _, step = checkpoint.Checkpoints(trained, _ckpt_cfg()).restore_latest(
+        saved_exp.abstract_sharded_state()
+    )
+    config = tiny()
+    config.mesh.update(mesh)
+    exp = Experiment.from_config(config, jax.devices()[:devices])
+    restored, _, _ = checkpoint.Checkpoints(trained, _ckpt_cfg()).restore_latest(
+        exp.abstract_sharded_state()
+    )
+    leaf = jax.tree.leaves(restored.params)[0]
+    assert leaf.sharding.mesh.shape == exp.mesh.shape
+    for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(restored.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_from_loads_parameters_only(trained, tmp_path):
+    exp = Experiment.from_config(tiny())
+    source, _, _ = checkpoint.Checkpoints(trained, _ckpt_cfg()).restore_latest(
+        exp.abstract_sharded_state()
+    )
+    params = checkpoint.load_params(trained, exp.abstract_sharded_state().params)
+    for a, b in zip(jax.tree.leaves(source.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    short = dict(train__steps=2, eval__every_steps=1, schedule__warmup_steps=0)
+    results = run.train_and_evaluate(tiny(model__init_from=trained, **short), str(tmp_path))
+    fresh = run.train_and_evaluate(tiny(**short), str(tmp_path / "fresh"))
+    assert results["val"]["loss"] < fresh["val"]["loss"] - 0.3  # it starts from trained weights
