@@ -6,10 +6,12 @@ step n+1 has been dispatched, so the device always has queued work.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -106,6 +108,104 @@ def _initial_state(
     return state, 0
 
 
+@dataclasses.dataclass
+class _Loop:
+    """A run's bookkeeping around the pure step: logging, evaluation, checkpoints, policy."""
+
+    config: ml_collections.ConfigDict
+    exp: Experiment
+    ckpts: checkpoint.Checkpoints
+    train_iter: Any
+    writer: metrics.MetricWriter
+    started: float
+    results: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        t = self.config.train
+        self.throughput = _Throughput(self.exp, t.batch_size * t.seq_len)
+
+    def evaluate(self, step: int, split: str, params) -> None:
+        """Evaluates on a whole split and logs it."""
+        batches = pipeline.eval_batches(
+            self.config,
+            split,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        self.results[split] = self.exp.evaluate(params, batches)
+        self.writer.write(step, split, self.results[split])
+
+    def save(self, state: TrainState, val: dict | None) -> None:
+        """Starts an async checkpoint of the state and the data position after it."""
+        self.ckpts.save(
+            state,
+            data_state=self.train_iter.get_state(),
+            config=self.config.to_dict(),
+            metrics=val,
+            started=self.started,
+        )
+
+    def finish_step(self, step: int, step_metrics) -> None:
+        """Applies the non-finite policy to a finished step and logs it when due."""
+        if float(step_metrics["nonfinite"]):
+            steps = self.ckpts.steps()
+            last = f"step {steps[-1]} in {self.ckpts.directory}" if steps else "none yet"
+            if self.config.train.on_nonfinite == "halt":
+                self.ckpts.wait()
+                raise NonFiniteError(
+                    f"non-finite loss or gradient at step {step}; its update was not applied. "
+                    f"Last good checkpoint: {last}. Lower optimizer.lr, check the data, or set "
+                    "--config.train.on_nonfinite=skip to drop such steps and go on."
+                )
+            print(f"warning: non-finite loss or gradient at step {step}; update skipped")
+        if step % self.config.train.log_every == 0 or step == self.config.train.steps:
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            values.update(self.throughput.report(step))
+            self.writer.write(step, "train", values)
+            self.results["train"] = values
+
+    def train(
+        self, state: TrainState, first_step: int, preemption: _Preemption
+    ) -> tuple[TrainState, bool]:
+        """Runs steps first_step+1 .. train.steps; returns the state and whether preempted."""
+        t, every_eval, every_ckpt = (
+            self.config.train,
+            self.config.eval.every_steps,
+            self.config.checkpoint.every_steps,
+        )
+        previous = None  # (step, metrics): read once the next step is dispatched
+        for step in range(first_step + 1, t.steps + 1):
+            state, step_metrics = self.exp.train_step(
+                state, self.exp.global_batch(next(self.train_iter))
+            )
+            if previous is not None:
+                self.finish_step(*previous)
+            previous = (step, step_metrics)
+            if step == first_step + 1:
+                jax.block_until_ready(step_metrics)  # compilation is not throughput
+                compile_time = time.perf_counter() - self.started
+                self.writer.write(step, "train", {"compile_time": compile_time})
+                self.throughput.restart(step)
+
+            do_eval = step == t.steps or (every_eval and step % every_eval == 0)
+            do_save = step == t.steps or (every_ckpt and step % every_ckpt == 0)
+            preempted = preemption.reached(step)
+            if not (do_eval or do_save or preempted):
+                continue
+            self.finish_step(*previous)
+            previous = None
+            if do_eval:
+                self.evaluate(step, "val", state.params)
+            if do_save or preempted:
+                self.save(state, self.results.get("val") if do_eval else None)
+            self.throughput.restart(step)  # evaluation and saving are not throughput
+            if preempted:
+                self.ckpts.wait()
+                print(f"jtrain: preempted; saved step {step} in {self.ckpts.directory}")
+                return state, True
+        return state, False
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, task: Task | None = None
 ) -> dict[str, dict]:
@@ -116,108 +216,36 @@ def train_and_evaluate(
     objective that `config.task` names.
     """
     config_lib.validate(config)
-    start = time.perf_counter()
+    started = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     checkpoint.prepare_workdir(workdir, config.to_dict(), overwrite=config.checkpoint.overwrite)
     config_lib.save_json(config, workdir)
 
     exp = Experiment.from_config(config, task=task)
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint)
-    t = config.train
     train_iter = pipeline.make_train_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count()
     )
     state, first_step = _initial_state(exp, ckpts, train_iter, config)
+    t = config.train
     print(
         f"jtrain: {exp.param_count():,} parameters, mesh {dict(exp.mesh.shape)}, "
         f"steps {first_step + 1}..{t.steps} of {t.batch_size}x{t.seq_len} tokens",
         flush=True,
     )
-    throughput = _Throughput(exp, t.batch_size * t.seq_len)
-    results: dict[str, dict] = {}
-
     with metrics.MetricWriter(workdir) as writer, _Preemption() as preemption:
-
-        def evaluate(step: int, split: str, params) -> None:
-            batches = pipeline.eval_batches(
-                config,
-                split,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-            results[split] = exp.evaluate(params, batches)
-            writer.write(step, split, results[split])
-
-        def save(state: TrainState, val: dict | None) -> None:
-            ckpts.save(
-                state,
-                data_state=train_iter.get_state(),
-                config=config.to_dict(),
-                metrics=val,
-                started=start,
-            )
-
-        previous = None  # (step, metrics): read once the next step is dispatched
-        for step in range(first_step + 1, t.steps + 1):
-            batch = exp.global_batch(next(train_iter))
-            state, step_metrics = exp.train_step(state, batch)
-            if previous is not None:
-                _after_step(*previous, writer, throughput, results, ckpts, config)
-            previous = (step, step_metrics)
-            if step == first_step + 1:
-                jax.block_until_ready(step_metrics)  # compilation is not throughput
-                writer.write(step, "train", {"compile_time": time.perf_counter() - start})
-                throughput.restart(step)
-
-            every_eval, every_ckpt = config.eval.every_steps, config.checkpoint.every_steps
-            do_eval = step == t.steps or (every_eval and step % every_eval == 0)
-            do_save = step == t.steps or (every_ckpt and step % every_ckpt == 0)
-            preempted = preemption.reached(step)
-            if do_eval or do_save or preempted:
-                _after_step(*previous, writer, throughput, results, ckpts, config)
-                previous = None
-            if do_eval:
-                evaluate(step, "val", state.params)
-            if do_save or preempted:
-                save(state, results.get("val") if do_eval else None)
-            if do_eval:
-                throughput.restart(step)
-            if preempted:
-                ckpts.wait()
-                print(f"jtrain: preempted; saved step {step} in {ckpts.directory}", flush=True)
-                ckpts.close()
-                return results
-
+        loop = _Loop(config, exp, ckpts, train_iter, writer, started)
+        state, preempted = loop.train(state, first_step, preemption)
         ckpts.wait()
-        if first_step == t.steps:
-            evaluate(t.steps, "val", state.params)  # resumed a finished run: report it again
-        evaluate(t.steps, "test", state.params)  # the test split is touched once, at the end
-        writer.write(t.steps, "train", {"wall_time": time.perf_counter() - start})
+        if not preempted:
+            if first_step == t.steps:
+                loop.evaluate(t.steps, "val", state.params)  # a finished run, resumed: report
+            loop.evaluate(t.steps, "test", state.params)  # the test split: once, at the end
+            writer.write(t.steps, "train", {"wall_time": time.perf_counter() - started})
     ckpts.close()
-
-    if config.eval.sample_tokens:
+    if config.eval.sample_tokens and not preempted:
         _print_sample(exp, state.params, config)
-    return results
-
-
-def _after_step(step, step_metrics, writer, throughput, results, ckpts, config) -> None:
-    """Applies the non-finite policy to a finished step and logs it when due."""
-    if float(step_metrics["nonfinite"]):
-        steps = ckpts.steps()
-        last = f"step {steps[-1]} in {ckpts.directory}" if steps else "none yet"
-        if config.train.on_nonfinite == "halt":
-            ckpts.wait()
-            raise NonFiniteError(
-                f"non-finite loss or gradient at step {step}; its update was not applied. "
-                f"Last good checkpoint: {last}. Lower optimizer.lr, check the data, or set "
-                "--config.train.on_nonfinite=skip to drop such steps and go on."
-            )
-        print(f"warning: non-finite loss or gradient at step {step}; update skipped", flush=True)
-    if step % config.train.log_every == 0 or step == config.train.steps:
-        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        values.update(throughput.report(step))
-        writer.write(step, "train", values)
-        results["train"] = values
+    return loop.results
 
 
 def _print_sample(exp: Experiment, params, config) -> None:

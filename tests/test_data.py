@@ -14,7 +14,7 @@ _CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / "configs" / "defaul
 TOK = tokenizers.ByteTokenizer()
 
 
-def make_config(batch_size=4, seq_len=32, seed=0, eval_steps=-1):
+def make_config(batch_size=4, seq_len=32, seed=0, eval_steps=-1, packing=True, source=None):
     spec = importlib.util.spec_from_file_location("default_config", _CONFIG_PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -23,6 +23,10 @@ def make_config(batch_size=4, seq_len=32, seed=0, eval_steps=-1):
     config.train.batch_size = batch_size
     config.train.seq_len = seq_len
     config.eval.steps = eval_steps
+    config.data.packing = packing
+    config.data.prefetch = 0  # deterministic either way; tests that need prefetch set it
+    if source is not None:
+        config.data.source = source
     return config
 
 
@@ -130,7 +134,7 @@ def test_token_stream():
 
 
 def test_train_batches_shapes_and_shift():
-    config = make_config(batch_size=4, seq_len=32)
+    config = make_config(batch_size=4, seq_len=32, packing=False)
     stream_bytes = train_stream().astype("<i4").tobytes()
     for batch in take(pipeline.make_train_iterator(config), 5):
         assert set(batch) == {"inputs", "targets", "mask"}
@@ -159,7 +163,8 @@ def test_train_epochs_cover_rows_in_new_order_and_offset():
     stream_bytes = stream.astype("<i4").tobytes()
     rows_per_epoch = pipeline.train_rows_per_epoch(stream.size, seq_len)
     num_batches = -(-epochs * rows_per_epoch // batch_size)
-    batches = take(pipeline.make_train_iterator(make_config(batch_size, seq_len)), num_batches)
+    config = make_config(batch_size, seq_len, packing=False)
+    batches = take(pipeline.make_train_iterator(config), num_batches)
     rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1) for b in batches])
     orders, offsets = [], []
     for epoch in range(epochs):
@@ -179,8 +184,9 @@ def test_train_epochs_cover_rows_in_new_order_and_offset():
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
-def test_global_batch_independent_of_process_count(process_count):
-    config = make_config(batch_size=8, seq_len=16, seed=1)
+@pytest.mark.parametrize("packing", [False, True])
+def test_global_batch_independent_of_process_count(process_count, packing):
+    config = make_config(batch_size=8, seq_len=16, seed=1, packing=packing)
     steps = 6
     single = take(pipeline.make_train_iterator(config), steps)
     locals_ = [
@@ -197,8 +203,10 @@ def test_global_batch_independent_of_process_count(process_count):
             np.testing.assert_array_equal(joined, single[step][key])
 
 
-def test_train_state_restore_mid_epoch():
-    config = make_config(batch_size=4, seq_len=64, seed=2)
+@pytest.mark.parametrize("packing, prefetch", [(False, 0), (True, 0), (True, 2)])
+def test_train_state_restore_mid_epoch(packing, prefetch):
+    config = make_config(batch_size=4, seq_len=64, seed=2, packing=packing)
+    config.data.prefetch = prefetch
     iterator = pipeline.make_train_iterator(config)
     take(iterator, 7)
     state = iterator.get_state()
@@ -213,7 +221,7 @@ def test_train_state_restore_mid_epoch():
 
 @pytest.mark.parametrize("split", sources.SPLITS)
 def test_eval_covers_split_once(split):
-    config = make_config(batch_size=8, seq_len=100)
+    config = make_config(batch_size=8, seq_len=100, packing=False)
     stream = pipeline._split_stream("pydoc_topics", "byte", split)
     batches = list(pipeline.eval_batches(config, split))
     for batch in batches:
@@ -251,7 +259,7 @@ def test_eval_steps_cap_and_processes():
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("data.source", "wiki", r"data.source='wiki'.*allowed: pydoc_topics"),
+        ("data.source", "wiki", r"data.source='wiki'.*'wiki' is not a known.*allowed: pydoc_topics"),
         ("data.tokenizer", "bpe", r"data.tokenizer='bpe'.*allowed: byte"),
         ("train.seq_len", 0, r"train.seq_len must be an integer >= 1, got 0"),
         ("train.batch_size", 0, r"train.batch_size must be an integer >= 1"),
@@ -259,7 +267,7 @@ def test_eval_steps_cap_and_processes():
     ],
 )
 def test_bad_config_values(field, value, match):
-    config = make_config()
+    config = make_config(packing=False)  # with packing, any seq_len fits
     section, key = field.split(".")
     setattr(config[section], key, value)
     with pytest.raises(ValueError, match=match):

@@ -51,11 +51,14 @@ def chunk_documents(
 
     Without a phase, cuts fall at seq_len, 2 * seq_len, ...; with phase p > 0 the first chunk
     holds tokens [0, p] and later cuts fall at p + k * seq_len. Documents that fit a row are
-    never cut.
+    never cut; documents of fewer than 2 tokens are dropped.
     """
+    lengths = np.asarray(lengths, dtype=np.int64)
     order = np.asarray(order, dtype=np.int64)
-    targets = np.asarray(lengths, dtype=np.int64)[order] - 1
     phase = np.zeros_like(order) if phases is None else np.asarray(phases, dtype=np.int64)
+    keep = lengths[order] >= _MIN_CHUNK  # a lone token predicts nothing
+    order, phase = order[keep], phase[keep]
+    targets = lengths[order] - 1
     phase = np.where(targets > seq_len, phase, 0)
     first_cut = np.where(phase > 0, phase, seq_len)
     cuts = np.where(targets > first_cut, (targets - 1 - first_cut) // seq_len + 1, 0)
@@ -120,7 +123,7 @@ def epoch_plan(lengths: np.ndarray, seq_len: int, seed: int, epoch: int) -> Plan
     """The training plan of one epoch: shuffled documents, random cut phases, shuffled rows."""
     lengths = np.asarray(lengths, dtype=np.int64)
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(np.flatnonzero(lengths >= _MIN_CHUNK))
+    order = rng.permutation(lengths.size)
     phases = rng.integers(0, seq_len, size=order.size)
     doc, start, length = chunk_documents(lengths, order, seq_len, phases)
     row = first_fit(length, seq_len + 1)
