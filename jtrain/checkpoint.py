@@ -111,7 +111,14 @@ class Checkpoints:
         keep = [policies.LatestN(ckpt_cfg.keep)]
         if ckpt_cfg.keep_best:
             # Ascending sort keeps the largest: reverse it so the smallest loss survives.
-            keep.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True, n=1))
+            keep.append(
+                policies.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=True,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,  # else LatestN never deletes
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=True,
@@ -146,7 +153,7 @@ class Checkpoints:
         data_state: Any,
         config: Mapping,
         metrics: Mapping[str, float] | None = None,
-        started: float,
+        started: float,  # time.perf_counter() at the start of the run
     ) -> bool:
         """Starts an async save of `state` at its step; refuses non-finite values."""
         step = int(jax.device_get(state.step))
@@ -155,7 +162,7 @@ class Checkpoints:
             return False
         meta = {
             "step": step,
-            "wall_time": time.time() - started,
+            "wall_time": time.perf_counter() - started,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "jax_version": jax.__version__,
             "jtrain_version": _jtrain_version(),

@@ -185,6 +185,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(trained, tmp
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained, workdir)
     steps = checkpoint.Checkpoints(workdir, _ckpt_cfg()).steps()
+    assert steps == [10, 15, 20]  # keep=3 latest; the best (by val loss) is among them
     latest = os.path.join(workdir, "checkpoints", str(steps[-1]), "state")
     files = [os.path.join(d, f) for d, _, fs in os.walk(latest) for f in fs]
     biggest = max(files, key=os.path.getsize)
