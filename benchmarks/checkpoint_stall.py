@@ -8,8 +8,9 @@ training loop of jtrain/run.py is replayed in two modes on the same train state:
 - save: the same, and every `--every` steps also read the current step's flag and call
   `Checkpoints(tmpdir, config.checkpoint).save(state, data_state=..., config=..., ...)` as
   the loop does: async, with a small data-state dict, the config dict and no metrics (the
-  loop passes metrics only when it has just validated). `checkpoint.keep` stays at the
-  config's value, so old checkpoints are deleted as in a real run.
+  loop passes metrics only when it has just validated). `checkpoint.keep` and `keep_best`
+  stay at the config's values, so the run's retention policy applies; the report counts
+  the checkpoints it leaves on disk.
 
 Timed rounds of the two modes alternate (A B, B A, ...) so load from other processes hits
 both alike. Each round starts from a fresh temporary directory and ends with
@@ -24,7 +25,7 @@ blocking save (save + wait) and of `restore_latest`.
 Run from the repository root (no install needed):
 
     python benchmarks/checkpoint_stall.py
-    python benchmarks/checkpoint_stall.py --every 1,10,100 --rounds 2
+    python benchmarks/checkpoint_stall.py --every 100 --rounds 2  # ~7 min on 2 CPU cores
     python benchmarks/checkpoint_stall.py --config configs/tiny.py --rounds 3
 
 It always exits 0; a ratio above the target is marked FAIL in the output.
