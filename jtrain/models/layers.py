@@ -1,5 +1,8 @@
-"""Building blocks of decoder transformers: parameters with logical axes, RMSNorm, RoPE,
-grouped-query attention and the SwiGLU MLP.
+"""Building blocks of decoder transformers: parameters with logical axes, RMSNorm/LayerNorm,
+RoPE (with Llama 3 / linear frequency scaling), grouped-query attention and the MLP.
+
+The defaults are the Llama recipe; the options (biases, LayerNorm, a plain GELU MLP, a sliding
+window) are those the Hugging Face families in jtrain/interop/hf.py need.
 
 Shape suffixes name dimensions: B batch, L sequence, D model width, H query heads,
 G key/value heads, K head width, F MLP width, V vocabulary.
@@ -7,6 +10,8 @@ G key/value heads, K head width, F MLP width, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -25,6 +30,12 @@ def param(
         value = stddev * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
     # eager_sharding=False: shardings are derived later from these names and config rules,
     # so creating a module never needs a mesh (notebooks, eval_shape, tests).
+    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+def zeros(shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
+    """A float32 parameter of zeros (biases) tagged with logical axis names."""
+    value = jnp.zeros(shape, jnp.float32)
     return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
 
 
@@ -62,10 +73,78 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...]).astype(x_BxLxD.dtype)
 
 
-def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+class LayerNorm(nnx.Module):
+    """Layer norm with a learned scale and bias (GPT-2), computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("embed",), stddev=None)
+        self.bias = zeros((dim,), ("embed",))
+        self.eps = eps
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        x = x_BxLxD.astype(jnp.float32)
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...] + self.bias[...]).astype(x_BxLxD.dtype)
+
+
+def norm(cfg, *, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
+    """The normalisation layer cfg.norm names: "rms" or "layer"."""
+    cls = {"rms": RMSNorm, "layer": LayerNorm}[cfg.norm]
+    return cls(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rescaled RoPE frequencies for longer contexts, as Hugging Face's "linear" and "llama3"."""
+
+    kind: str  # linear | llama3
+    factor: float
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are scaled
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
+    original_max_len: int = 8192  # llama3: the context length of pretraining
+
+    def __call__(self, inv_freq_K: jax.Array) -> jax.Array:
+        if self.kind == "linear":
+            return inv_freq_K / self.factor
+        # Llama 3.1: keep high frequencies, divide low ones by factor, interpolate in between.
+        wavelen_K = 2 * math.pi / inv_freq_K
+        low_wavelen = self.original_max_len / self.low_freq_factor
+        high_wavelen = self.original_max_len / self.high_freq_factor
+        scaled_K = jnp.where(wavelen_K > low_wavelen, inv_freq_K / self.factor, inv_freq_K)
+        smooth_K = (self.original_max_len / wavelen_K - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed_K = (1 - smooth_K) * scaled_K / self.factor + smooth_K * scaled_K
+        medium_K = (wavelen_K >= high_wavelen) & (wavelen_K <= low_wavelen)
+        return jnp.where(medium_K, smoothed_K, scaled_K)
+
+
+def rope_scaling(cfg) -> RopeScaling | None:
+    """The RopeScaling of a model config, or None for plain RoPE."""
+    if cfg.rope_scaling == "none":
+        return None
+    return RopeScaling(
+        kind=cfg.rope_scaling,
+        factor=cfg.rope_factor,
+        low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_len=cfg.rope_original_max_len,
+    )
+
+
+def apply_rope(
+    x_BxLxNxK: jax.Array,
+    positions_BxL: jax.Array,
+    theta: float,
+    *,
+    scaling: RopeScaling | None = None,
+) -> jax.Array:
     """Rotary position embedding in the Llama/Hugging Face layout (rotate the two halves)."""
     half = x_BxLxNxK.shape[-1] // 2
     inv_freq_k = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is not None:
+        inv_freq_k = scaling(inv_freq_k)
     angle_BxLxK = positions_BxL[..., None].astype(jnp.float32) * inv_freq_k
     sin, cos = jnp.sin(angle_BxLxK)[:, :, None, :], jnp.cos(angle_BxLxK)[:, :, None, :]
     x = x_BxLxNxK.astype(jnp.float32)
@@ -82,8 +161,23 @@ def attention_mask(segment_ids_BxL: jax.Array | None) -> jax.Array | None:
     return same[:, None, :, :]
 
 
+class Bias(nnx.Module):
+    """A learned additive bias. A module of its own so that the leaf is named "bias", which
+    jtrain.optim exempts from weight decay."""
+
+    def __init__(self, shape: Sequence[int], axes: Sequence[str]):
+        self.bias = zeros(shape, axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.bias[...].astype(x.dtype)
+
+
+def _add_bias(x: jax.Array, bias: Bias | None) -> jax.Array:
+    return x if bias is None else bias(x)
+
+
 class Attention(nnx.Module):
-    """Causal grouped-query self-attention with rotary embeddings."""
+    """Causal grouped-query self-attention with rotary embeddings (unless positions are learned)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -92,36 +186,68 @@ class Attention(nnx.Module):
         self.k_DxGxK = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), stddev=d**-0.5)
         self.v_DxGxK = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), stddev=d**-0.5)
         self.o_HxKxD = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), stddev=out_std)
+        qkv_bias, out_bias = cfg.qkv_bias, cfg.out_bias
+        self.q_bias_HxK = Bias((h, k), ("heads", "head_dim")) if qkv_bias else None
+        self.k_bias_GxK = Bias((g, k), ("kv_heads", "head_dim")) if qkv_bias else None
+        self.v_bias_GxK = Bias((g, k), ("kv_heads", "head_dim")) if qkv_bias else None
+        self.o_bias_D = Bias((d,), ("embed",)) if out_bias else None
+        self.rope = cfg.positions == "rope"
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = rope_scaling(cfg)
+        # A token attends to itself and the sliding_window - 1 tokens before it (Mistral).
+        self.local_window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
         self.implementation = None if cfg.attention == "xla" else cfg.attention
 
     def __call__(
         self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxL: jax.Array | None
     ) -> jax.Array:
-        q = dense(x_BxLxD, self.q_DxHxK[...])
-        k = dense(x_BxLxD, self.k_DxGxK[...])
-        v = dense(x_BxLxD, self.v_DxGxK[...])
-        q = apply_rope(q, positions_BxL, self.rope_theta)
-        k = apply_rope(k, positions_BxL, self.rope_theta)
+        q = _add_bias(dense(x_BxLxD, self.q_DxHxK[...]), self.q_bias_HxK)
+        k = _add_bias(dense(x_BxLxD, self.k_DxGxK[...]), self.k_bias_GxK)
+        v = _add_bias(dense(x_BxLxD, self.v_DxGxK[...]), self.v_bias_GxK)
+        if self.rope:
+            q = apply_rope(q, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
+            k = apply_rope(k, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
         # Grouped-query attention: jax.nn.dot_product_attention shares each key/value head
         # across n_heads // n_kv_heads query heads, and can dispatch to cuDNN flash attention.
         out_BxLxHxK = jax.nn.dot_product_attention(
-            q, k, v, mask=mask_Bx1xLxL, is_causal=True, implementation=self.implementation
+            q,
+            k,
+            v,
+            mask=mask_Bx1xLxL,
+            is_causal=True,
+            local_window_size=self.local_window,
+            implementation=self.implementation,
         )
-        return dense(out_BxLxHxK, self.o_HxKxD[...], contract=2)
+        return _add_bias(dense(out_BxLxHxK, self.o_HxKxD[...], contract=2), self.o_bias_D)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward block down(act(gate(x)) * up(x)) (SwiGLU), or down(act(up(x)))."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         out_std = f**-0.5 / math.sqrt(2 * cfg.n_layers)
-        self.gate_DxF = param(rngs, (d, f), ("embed", "mlp"), stddev=d**-0.5)
+        gated, bias = cfg.mlp_gated, cfg.mlp_bias
+        self.gate_DxF = param(rngs, (d, f), ("embed", "mlp"), stddev=d**-0.5) if gated else None
         self.up_DxF = param(rngs, (d, f), ("embed", "mlp"), stddev=d**-0.5)
         self.down_FxD = param(rngs, (f, d), ("mlp", "embed"), stddev=out_std)
+        self.gate_bias_F = Bias((f,), ("mlp",)) if gated and bias else None
+        self.up_bias_F = Bias((f,), ("mlp",)) if bias else None
+        self.down_bias_D = Bias((d,), ("embed",)) if bias else None
+        self.activation = ACTIVATIONS[cfg.mlp_activation]
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        gate = dense(x_BxLxD, self.gate_DxF[...])
-        up = dense(x_BxLxD, self.up_DxF[...])
-        return dense(jax.nn.silu(gate) * up, self.down_FxD[...])
+        h_BxLxF = _add_bias(dense(x_BxLxD, self.up_DxF[...]), self.up_bias_F)
+        if self.gate_DxF is None:
+            h_BxLxF = self.activation(h_BxLxF)
+        else:
+            gate = _add_bias(dense(x_BxLxD, self.gate_DxF[...]), self.gate_bias_F)
+            h_BxLxF = self.activation(gate) * h_BxLxF
+        return _add_bias(dense(h_BxLxF, self.down_FxD[...]), self.down_bias_D)

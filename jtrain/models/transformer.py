@@ -1,7 +1,8 @@
 """A decoder-only transformer in the Llama recipe, with its blocks stacked and scanned.
 
 Stacking the blocks along a leading "layers" axis keeps compile time independent of depth
-and lets one rematerialisation policy cover every block.
+and lets one rematerialisation policy cover every block. Options beyond the Llama recipe
+(biases, LayerNorm, learned positions, a GELU MLP) cover the Qwen2, Mistral and GPT-2 layouts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+CHOICES = {
+    "norm": ("rms", "layer"),
+    "positions": ("rope", "learned"),
+    "mlp_activation": tuple(layers.ACTIVATIONS),
+    "rope_scaling": ("none", "linear", "llama3"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +50,29 @@ class TransformerConfig:
     dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"
+    norm: str = "rms"  # rms | layer (LayerNorm with bias, GPT-2)
+    positions: str = "rope"  # rope | learned (a max_seq_len x d_model table, GPT-2)
+    max_seq_len: int = 0  # longest sequence the model is meant for; the learned table's size
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2, GPT-2)
+    out_bias: bool = False  # bias on the attention output projection (GPT-2)
+    mlp_gated: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))) (GPT-2)
+    mlp_activation: str = "silu"  # silu | gelu | gelu_tanh
+    mlp_bias: bool = False  # biases on the MLP projections (GPT-2)
+    sliding_window: int = 0  # attend to at most this many tokens, self included (0 = all)
+    rope_scaling: str = "none"  # none | linear | llama3 (Llama 3.1 long-context frequencies)
+    rope_factor: float = 1.0  # linear, llama3: how much longer the context is made
+    rope_low_freq_factor: float = 1.0  # llama3 parameters, as in Hugging Face's rope_scaling
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                allowed_text = ", ".join(allowed)
+                raise ValueError(f"model.{name}={value!r} is invalid; allowed: {allowed_text}")
+        if self.positions == "learned" and self.max_seq_len <= 0:
+            raise ValueError("model.positions='learned' needs model.max_seq_len > 0")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TransformerConfig:
@@ -53,7 +83,8 @@ class TransformerConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
         d, h, g, k, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
-        matmul_params = self.n_layers * (2 * d * h * k + 2 * d * g * k + 3 * d * f)
+        mlp_matrices = 3 if self.mlp_gated else 2
+        matmul_params = self.n_layers * (2 * d * h * k + 2 * d * g * k + mlp_matrices * d * f)
         matmul_params += d * self.vocab_size  # the output projection, tied or not
         attention = 12 * self.n_layers * h * k * seq_len
         return 6.0 * matmul_params + attention
@@ -63,9 +94,9 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.attn_norm = layers.norm(cfg, rngs=rngs)
         self.attn = layers.Attention(cfg, rngs=rngs)
-        self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mlp_norm = layers.norm(cfg, rngs=rngs)
         self.mlp = layers.MLP(cfg, rngs=rngs)
         self.dropout_rate = cfg.dropout
 
@@ -92,10 +123,15 @@ class Transformer(nnx.Module):
             return Block(cfg, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.final_norm = layers.norm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.unembed_DxV = layers.param(
                 rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), stddev=cfg.d_model**-0.5
+            )
+        if cfg.positions == "learned":
+            # No logical name for the position axis: the table is small and replicated.
+            self.pos_embed_LxD = layers.param(
+                rngs, (cfg.max_seq_len, cfg.d_model), (None, "embed"), stddev=0.02
             )
 
     def __call__(
@@ -113,6 +149,8 @@ class Transformer(nnx.Module):
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
         mask = layers.attention_mask(segment_ids_BxL)
         x_BxLxD = self.embed_VxD[...].astype(dtype)[tokens_BxL]
+        if cfg.positions == "learned":
+            x_BxLxD = x_BxLxD + self.pos_embed_LxD[...].astype(dtype)[positions_BxL]
 
         block_def, block_state = nnx.split(self.blocks)
         layer_rngs = None
