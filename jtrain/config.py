@@ -14,7 +14,7 @@ import sys
 import ml_collections
 
 from jtrain import optim, tasks
-from jtrain.data import sources, tokenizers
+from jtrain.data import pipeline, tokenizers
 from jtrain.mesh import parse_rules
 from jtrain.models import transformer
 
@@ -44,8 +44,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first value that cannot work."""
     _one_of("task", config.task, tasks.TASKS)
     _validate_model(config)
-    _one_of("data.source", config.data.source, sources.source_names())
-    _one_of("data.tokenizer", config.data.tokenizer, tokenizers.tokenizer_names())
+    try:  # sources, tokenizer (name or path), packing, workers: checked by the data package
+        pipeline.validate_data_config(config)
+    except ValueError as err:
+        raise ConfigError(f"config.{err}" if str(err).startswith("data.") else str(err)) from None
     vocab = tokenizers.get_tokenizer(config.data.tokenizer).vocab_size
     _require(
         config.model.vocab_size >= vocab,

@@ -1,12 +1,17 @@
-"""Tests for jtrain.data: tokenizer, source splits, training and evaluation pipelines."""
+"""Tests for jtrain.data: tokenizer, sources, mixtures, training and evaluation pipelines."""
 
+import gzip
+import hashlib
 import importlib.util
 import itertools
+import json
 import pathlib
 from pydoc_data.topics import topics
 
+import ml_collections
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from jtrain.data import pipeline, sources, tokenizers
 
@@ -259,7 +264,11 @@ def test_eval_steps_cap_and_processes():
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("data.source", "wiki", r"data.source='wiki'.*'wiki' is not a known.*allowed: pydoc_topics"),
+        (
+            "data.source",
+            "wiki",
+            r"data.source='wiki'.*'wiki' is not a known.*allowed: pydoc_topics",
+        ),
         ("data.tokenizer", "bpe", r"data.tokenizer='bpe'.*allowed: byte"),
         ("train.seq_len", 0, r"train.seq_len must be an integer >= 1, got 0"),
         ("train.batch_size", 0, r"train.batch_size must be an integer >= 1"),
@@ -291,3 +300,260 @@ def test_bad_process_layout_and_split():
         pipeline.eval_batches(config, "val", process_index=2, process_count=2)
     with pytest.raises(ValueError, match=r"Unknown split 'dev'.*train, val, test"):
         pipeline.eval_batches(config, "dev")
+
+
+# Prepared directories, raw files and mixtures.
+
+MANIFEST_TOKENIZER = {"type": "byte", "path": "byte", "vocab_size": 259, "bos_id": 257,
+                      "eos_id": 258, "pad_id": 256}  # fmt: skip
+
+
+def random_texts(n, alphabet, seed, max_len=120):
+    rng = np.random.default_rng(seed)
+    letters = np.array(list(alphabet))
+    return ["".join(rng.choice(letters, size=rng.integers(1, max_len))) for _ in range(n)]
+
+
+def write_prepared(root, texts_by_split, shards=2, tokenizer=MANIFEST_TOKENIZER):
+    """Writes a prepared directory as `python -m jtrain.data.prepare` does; returns its docs."""
+    docs = {split: [TOK.encode(t) for t in texts] for split, texts in texts_by_split.items()}
+    splits = {}
+    for split, split_docs in docs.items():
+        (root / split).mkdir(parents=True)
+        bounds = np.linspace(0, len(split_docs), shards + 1).astype(int)
+        for k in range(shards):
+            path = root / split / f"shard-{k:05d}-of-{shards:05d}.array_record"
+            writer = ArrayRecordWriter(str(path), "group_size:1")
+            for doc in split_docs[bounds[k] : bounds[k + 1]]:
+                writer.write(doc.astype("<i4").tobytes())
+            writer.close()
+        tokens = sum(d.size for d in split_docs)
+        splits[split] = {"documents": len(split_docs), "tokens": tokens, "fingerprint": "test"}
+    manifest = {"format": {"version": 1}, "splits": splits, "tokenizer": tokenizer}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Two prepared datasets with disjoint alphabets, so a row shows which one it came from."""
+    root = tmp_path_factory.mktemp("prepared")
+    out = {}
+    for name, alphabet in (("a", "abcdefghijklm "), ("b", "NOPQRSTUVWXYZ ")):
+        texts = {s: random_texts(n, alphabet, seed=i) for i, (s, n) in
+                 enumerate((("train", 300), ("val", 40), ("test", 30)))}  # fmt: skip
+        out[name] = (root / name, write_prepared(root / name, texts))
+    return out
+
+
+def segments(batch):
+    """Yields each packed segment's tokens: its inputs, and its last target if in the same."""
+    rows = zip(batch["inputs"], batch["targets"], batch["segment_ids"], batch["mask"], strict=True)
+    for inputs, targets, seg, mask in rows:
+        for s in np.unique(seg[seg > 0]):
+            where = np.flatnonzero(seg == s)
+            last = targets[where[-1]] if mask[where[-1]] else []
+            yield np.append(inputs[where], last).astype(np.int32)
+
+
+def assert_covers_once(batches, docs):
+    mask = np.concatenate([b["mask"] for b in batches]).reshape(-1)
+    targets = np.concatenate([b["targets"] for b in batches]).reshape(-1)
+    assert mask.sum() == sum(d.size - 1 for d in docs)  # every target token exactly once
+    expected = np.bincount(np.concatenate([d[1:] for d in docs]), minlength=TOK.vocab_size)
+    np.testing.assert_array_equal(
+        np.bincount(targets[mask > 0], minlength=TOK.vocab_size), expected
+    )
+
+
+def test_prepared_source_train_and_eval(prepared):
+    path, docs = prepared["a"]
+    config = make_config(batch_size=4, seq_len=32, source=f"prepared:{path}")
+    counts = pipeline.split_token_counts(config)
+    assert counts == {s: sum(d.size for d in docs[s]) for s in sources.SPLITS}
+    train_bytes = np.concatenate(docs["train"]).astype("<i4").tobytes()
+    for batch in take(pipeline.make_train_iterator(config), 10):
+        assert batch["inputs"].shape == batch["segment_ids"].shape == (4, 32)
+        for chunk in segments(batch):  # every segment is a slice of one train document
+            assert find_row(train_bytes, chunk) >= 0
+            assert chunk.size == 33 or chunk[0] == TOK.bos_id or chunk[-1] == TOK.eos_id
+    assert_covers_once(list(pipeline.eval_batches(config, "val")), docs["val"])
+
+
+def test_prepared_source_unpacked(prepared):
+    path, docs = prepared["a"]
+    config = make_config(batch_size=4, seq_len=32, source=f"prepared:{path}", packing=False)
+    stream_bytes = np.concatenate(docs["train"]).astype("<i4").tobytes()
+    for batch in take(pipeline.make_train_iterator(config), 5):
+        for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True):
+            assert find_row(stream_bytes, np.append(inputs, targets[-1])) >= 0
+    batches = list(pipeline.eval_batches(config, "val"))
+    mask = np.concatenate([b["mask"] for b in batches]).reshape(-1)
+    targets = np.concatenate([b["targets"] for b in batches]).reshape(-1)
+    np.testing.assert_array_equal(targets[mask > 0], np.concatenate(docs["val"])[1:])
+
+
+def test_prepared_tokenizer_must_match(tmp_path):
+    other = {**MANIFEST_TOKENIZER, "vocab_size": 32000, "path": "t.json"}
+    write_prepared(tmp_path, {"train": ["abc"]}, tokenizer=other)
+    config = make_config(source=f"prepared:{tmp_path}")
+    with pytest.raises(ValueError, match=r"data.tokenizer='byte'.*does not match.*'t.json'"):
+        pipeline.validate_data_config(config)
+
+
+def test_files_source(tmp_path, caplog):
+    texts = random_texts(60, "abc xyz", seed=5)
+    lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(texts[:40])]
+    lines[3:3] = ["{not json", json.dumps({"body": "no text field"})]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in texts[40:55]))
+    for i, text in enumerate(texts[55:]):
+        (tmp_path / f"c{i}.txt").write_text(text)
+    config = make_config(seq_len=16, source=f"files:{tmp_path}/*")
+    with caplog.at_level("WARNING"):
+        counts = pipeline.split_token_counts(config)
+    assert "skipped 2 records" in caplog.text and "a.jsonl:4" in caplog.text
+    by_split = {s: [] for s in sources.SPLITS}
+    for text in texts:
+        by_split[sources.split_of(hashlib.sha256(text.encode()).hexdigest())].append(text)
+    assert counts == {s: sum(len(t.encode()) + 2 for t in by_split[s]) for s in sources.SPLITS}
+    batch = next(pipeline.make_train_iterator(config))
+    assert batch["mask"].sum() > 0
+    val_docs = [TOK.encode(t) for t in by_split["val"]]
+    assert_covers_once(list(pipeline.eval_batches(config, "val")), val_docs)
+
+
+def row_sources(batch):
+    """'a' or 'b' per row, from the alphabets of the prepared fixture."""
+    upper = (batch["inputs"] >= ord("N")) & (batch["inputs"] <= ord("Z"))
+    lower = (batch["inputs"] >= ord("a")) & (batch["inputs"] <= ord("m"))
+    assert not (upper.any(1) & lower.any(1)).any()  # a row holds one source's documents
+    return np.where(upper.any(1), "b", "a")
+
+
+def test_mixture_proportions(prepared):
+    spec = f"prepared:{prepared['a'][0]}=0.7,prepared:{prepared['b'][0]}=0.3"
+    config = make_config(batch_size=8, seq_len=32, source=spec)
+    rows = np.concatenate([row_sources(b) for b in take(pipeline.make_train_iterator(config), 50)])
+    # Grain interleaves the sources deterministically by their integer proportions (233:100
+    # here), so over N rows each count is within one row of N * weight: 1/400 + 0.1%.
+    assert abs((rows == "a").mean() - 0.7) < 0.01
+    assert (row_sources(take(pipeline.make_train_iterator(config), 1)[0]) == "b").any()
+
+
+def test_mixture_restore_processes_and_eval(prepared):
+    spec = f"prepared:{prepared['a'][0]}=2,pydoc_topics,prepared:{prepared['b'][0]}=0.5"
+    config = make_config(batch_size=4, seq_len=48, seed=3, source=spec)
+    config.data.prefetch = 2
+    iterator = pipeline.make_train_iterator(config)
+    take(iterator, 9)
+    state = iterator.get_state()
+    expected = take(iterator, 6)
+    restored = pipeline.make_train_iterator(config)
+    restored.set_state(state)
+    assert_batches_equal(take(restored, 6), expected)
+    halves = [
+        take(pipeline.make_train_iterator(config, process_index=p, process_count=2), 15)
+        for p in (0, 1)
+    ]
+    for step in range(9, 15):
+        for key, value in expected[step - 9].items():
+            joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+            np.testing.assert_array_equal(joined, value)
+    # Evaluation walks the sources' splits one after the other, in spec order.
+    pydoc_val = [TOK.encode(t) for t in sources.pydoc_topics()["val"]]
+    docs = prepared["a"][1]["val"] + pydoc_val + prepared["b"][1]["val"]
+    assert_covers_once(list(pipeline.eval_batches(config, "val")), docs)
+
+
+def test_workers_give_the_same_batches_and_restore(prepared):
+    spec = f"prepared:{prepared['a'][0]}=0.5,pydoc_topics=0.5"
+    config = make_config(batch_size=4, seq_len=32, source=spec)
+    expected = take(pipeline.make_train_iterator(config), 10)
+    config.data.workers, config.data.prefetch = 2, 2
+    iterator = pipeline.make_train_iterator(config)
+    assert_batches_equal(take(iterator, 5), expected[:5])
+    state = iterator.get_state()
+    iterator.close()
+    restored = pipeline.make_train_iterator(config)
+    restored.set_state(state)
+    assert_batches_equal(take(restored, 5), expected[5:])
+    restored.close()
+
+
+@pytest.mark.parametrize("split", sources.SPLITS)
+def test_packed_eval_covers_every_target_once(split):
+    config = make_config(batch_size=6, seq_len=100)
+    batches = list(pipeline.eval_batches(config, split))
+    for batch in batches:
+        assert set(batch) == {"inputs", "targets", "mask", "segment_ids", "positions"}
+        assert all(v.shape == (6, 100) for v in batch.values())
+    assert_covers_once(batches, [TOK.encode(t) for t in sources.pydoc_topics()[split]])
+    assert_batches_equal(batches, list(pipeline.eval_batches(config, split)))
+    halves = [
+        list(pipeline.eval_batches(config, split, process_index=p, process_count=2)) for p in (0, 1)
+    ]
+    for step, batch in enumerate(batches):
+        for key in batch:
+            joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key])
+
+
+def test_packed_train_rows():
+    config = make_config(batch_size=8, seq_len=64, seed=4)
+    batches = take(pipeline.make_train_iterator(config), 20)
+    stream_bytes = train_stream().astype("<i4").tobytes()
+    for batch in batches:
+        seg, pos, mask = batch["segment_ids"], batch["positions"], batch["mask"]
+        starts = np.diff(seg, axis=1, prepend=0) != 0
+        np.testing.assert_array_equal(pos == 0, starts | (seg == 0))  # positions restart
+        # No loss across a boundary or on padding (the last column's target is not in the
+        # batch's segment ids, so only padding decides it there).
+        boundary = seg[:, 1:] != seg[:, :-1]
+        np.testing.assert_array_equal(mask[:, :-1] == 0, boundary | (seg[:, :-1] == 0))
+        assert (mask[seg == 0] == 0).all()
+        for chunk in segments(batch):
+            assert find_row(stream_bytes, chunk) >= 0
+    other_seed = make_config(batch_size=8, seq_len=64, seed=5)
+    other = take(pipeline.make_train_iterator(other_seed), 1)[0]
+    assert not np.array_equal(batches[0]["inputs"], other["inputs"])
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("source", "", r"data.source='' is invalid: it must be a non-empty string"),
+        ("source", "pydoc_topics,,x", r"empty item between commas"),
+        ("source", "pydoc_topics=0", r"weight of 'pydoc_topics' must be a positive number"),
+        ("source", "pydoc_topics=-1", r"must be a positive number.*allowed: pydoc_topics"),
+        ("source", "pydoc_topics=nan", r"must be a positive number"),
+        ("source", "prepared:", r"'prepared:' names no path"),
+        ("source", "prepared:/no/such/dir", r"'/no/such/dir' is not a prepared dataset"),
+        ("source", "files:/no/such/*.jsonl", r"matches no files; check the glob"),
+        ("source", f"files:{_CONFIG_PATH}", r"default.py' is not one of .jsonl, .txt"),
+        ("source", "pydoc_topics=1,wiki=2", r"'wiki' is not a known source"),
+        ("packing", "yes", r"data.packing must be True or False, got 'yes'"),
+        ("workers", -1, r"data.workers must be an integer >= 0, got -1"),
+        ("prefetch", 1.5, r"data.prefetch must be an integer >= 0, got 1.5"),
+        ("text_field", "", r"data.text_field must be a non-empty string"),
+        ("tokenizer", "bpe", r"data.tokenizer='bpe' cannot be loaded.*allowed: byte"),
+    ],
+)
+def test_bad_data_specs(key, value, match):
+    config = make_config()
+    # A fresh ConfigDict, so that values of the wrong type reach the validation.
+    config.data = ml_collections.ConfigDict({**config.data.to_dict(), key: value})
+    with pytest.raises(ValueError, match=match):
+        pipeline.validate_data_config(config)
+    with pytest.raises(ValueError, match=match):
+        pipeline.make_train_iterator(config)
+
+
+def test_prepared_format_errors(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": {"version": 2}}))
+    with pytest.raises(ValueError, match=r"format version 2; this jtrain reads version 1"):
+        pipeline.validate_data_config(make_config(source=f"prepared:{tmp_path}"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": {"version": 1}}))
+    with pytest.raises(ValueError, match=r"has no train shards"):
+        pipeline.validate_data_config(make_config(source=f"prepared:{tmp_path}"))

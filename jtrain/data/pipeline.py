@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
+import gc
 import hashlib
 import weakref
 from collections.abc import Iterator
@@ -41,11 +41,18 @@ Batch = dict[str, np.ndarray]  # inputs, targets: int32[b, L]; mask: float32[b, 
 # Building a row is microseconds of numpy: reading in the calling thread beats a thread pool,
 # and the iterator state then sits exactly at the consumed position.
 _READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+_MIN_SHM_BYTES = 1 << 20
 _DEFAULTS = {"packing": True, "workers": 0, "prefetch": 2, "text_field": "text"}
-# Iterators still open at exit are closed while the interpreter is whole: a prefetch thread or
-# worker left to `__del__` during shutdown fails noisily.
+# Iterators still open at exit are closed, and dropped ones collected, while the interpreter is
+# whole: Grain's prefetch iterators left to `__del__` during shutdown fail noisily.
 _OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
-atexit.register(lambda: [iterator.close() for iterator in list(_OPEN_ITERATORS)])
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_OPEN_ITERATORS):
+        iterator.close()
+    gc.collect()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,14 +86,17 @@ def _check_int(key: str, value, minimum: int) -> int:
 
 
 def _get_tokenizer(spec) -> tokenizers.Tokenizer:
-    names = getattr(tokenizers, "tokenizer_names", lambda: ("byte",))()
     try:
         return tokenizers.get_tokenizer(spec)
-    except (ValueError, OSError, TypeError) as err:
-        raise ValueError(
-            f"data.tokenizer={spec!r} cannot be loaded ({err}); allowed: {', '.join(names)}, "
-            f"a tokenizer.json, a SentencePiece .model or a directory holding one."
-        ) from None
+    except Exception as err:  # noqa: BLE001 - any failure to load is a config error
+        message = str(err).rstrip(".")
+        if "allowed:" not in message:
+            names = getattr(tokenizers, "tokenizer_names", lambda: ("byte",))()
+            message += (
+                f"; allowed: {', '.join(names)}, a tokenizer.json, a SentencePiece .model "
+                f"or a directory holding one"
+            )
+        raise ValueError(f"data.tokenizer={spec!r} cannot be loaded: {message}.") from None
 
 
 def validate_data_config(config) -> None:
@@ -176,14 +186,19 @@ def split_token_counts(config) -> dict[str, int]:
     return {split: _split_documents(s, split).num_tokens for split in sources.SPLITS}
 
 
-def _to_batch(rows: np.ndarray, pad_id: int) -> Batch:
-    """Turns int32[b, L + 1] rows into next-token inputs, targets and a PAD mask."""
+def _to_batch(rows: np.ndarray, lengths: np.ndarray | None = None) -> Batch:
+    """Turns int32[b, L + 1] rows into next-token inputs, targets and a loss mask.
+
+    `lengths` holds each row's count of real tokens (the rest is padding); None = all real.
+    The mask comes from positions, not from matching PAD, since many tokenizers use their
+    EOS id as PAD and EOS must still be learned.
+    """
     targets = np.ascontiguousarray(rows[:, 1:])
-    return {
-        "inputs": np.ascontiguousarray(rows[:, :-1]),
-        "targets": targets,
-        "mask": (targets != pad_id).astype(np.float32),
-    }
+    if lengths is None:
+        mask = np.ones(targets.shape, np.float32)
+    else:
+        mask = (np.arange(1, rows.shape[1]) < lengths[:, None]).astype(np.float32)
+    return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": targets, "mask": mask}
 
 
 def _data_seeds(seed: int, source_index: int = 0) -> tuple[int, int]:
@@ -251,7 +266,7 @@ def train_dataset(config, *, process_index: int = 0, process_count: int = 1) -> 
     rows = row_sets[0]
     if len(row_sets) > 1:
         rows = grain.MapDataset.mix(row_sets, [spec.weight for spec in s.specs])
-    to_batch = packing.to_batch if s.packing else functools.partial(_to_batch, pad_id=s.pad_id)
+    to_batch = packing.to_batch if s.packing else _to_batch
     return (
         # Local batches in global order; process p takes every process_count-th one, so
         # global batch t is local batches t * process_count + (0, 1, ...) in process order.
@@ -275,6 +290,9 @@ def make_train_iterator(
             num_workers=workers, per_worker_buffer_size=max(1, prefetch)
         )
         _use_flag_defaults_if_unparsed()
+        # Arrays under 1 MiB go through the queue: a shared-memory block per array costs more.
+        shm_options = grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES)
+        iter_dataset = grain.experimental.WithOptionsIterDataset(iter_dataset, shm_options)
         iter_dataset = iter_dataset.mp_prefetch(options)
     if prefetch:
         iter_dataset = grain.experimental.ThreadPrefetchIterDataset(
@@ -342,10 +360,12 @@ def _eval_iterator(documents, s: _Settings, steps: int) -> Iterator[Batch]:
     num_rows = -(-(n - 1) // seq_len) if n > 1 else 0
     for step in range(_num_batches(num_rows, s, steps)):
         rows = np.full((s.local_batch, seq_len + 1), s.pad_id, dtype=np.int32)
+        lengths = np.zeros(s.local_batch, np.int64)
         for i, k in enumerate(_local_rows(s, step)):
             tokens = documents.take(int(k) * seq_len, seq_len + 1)
             rows[i, : tokens.size] = tokens
-        yield _to_batch(rows, s.pad_id)
+            lengths[i] = tokens.size
+        yield _to_batch(rows, lengths)
 
 
 def _packed_eval_iterator(documents, s: _Settings, steps: int) -> Iterator[Batch]:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -237,7 +238,7 @@ class ArrayRecordDocuments(Documents):
 
     def __init__(self, paths: Sequence[str]):
         self.paths = tuple(paths)
-        self._source, self._cache = None, {}
+        self._source, self._cache, self._lock = None, {}, threading.Lock()
         source = self._reader()
         self.lengths = np.fromiter(
             (len(source[i]) // 4 for i in range(len(source))), dtype=np.int64, count=len(source)
@@ -253,14 +254,18 @@ class ArrayRecordDocuments(Documents):
         return self._source
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_source": None, "_cache": {}}
+        return {**self.__dict__, "_source": None, "_cache": {}, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def doc(self, index: int) -> np.ndarray:
-        if index not in self._cache:
-            if len(self._cache) >= self._CACHED_DOCS:
-                del self._cache[next(iter(self._cache))]
-            self._cache[index] = np.frombuffer(self._reader()[index], dtype="<i4")
-        return self._cache[index]
+        with self._lock:  # a prefetch thread and the caller may read at once
+            if index not in self._cache:
+                if len(self._cache) >= self._CACHED_DOCS:
+                    del self._cache[next(iter(self._cache))]
+                self._cache[index] = np.frombuffer(self._reader()[index], dtype="<i4")
+            return self._cache[index]
 
 
 class ConcatDocuments(Documents):
