@@ -105,7 +105,12 @@ def make_bare_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> 
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        return masked_mean_xent(model(batch["inputs"]), batch["targets"], batch["mask"])
+        logits = model(
+            batch["inputs"],
+            positions_BxL=batch.get("positions"),  # packed rows: documents attend only
+            segment_ids_BxL=batch.get("segment_ids"),  # within themselves
+        )
+        return masked_mean_xent(logits, batch["targets"], batch["mask"])
 
     @jax.jit(donate_argnums=(0, 1))
     def step(params, opt_state, batch):
