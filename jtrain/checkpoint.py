@@ -8,6 +8,7 @@ checkpoint to the newest one that reads completely, so a damaged file costs one 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -134,16 +135,6 @@ class Checkpoints:
         """Committed checkpoint steps, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def saved_config(self, step: int) -> dict | None:
-        """The config stored with a checkpoint, or None if it cannot be read."""
-        try:
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-            )
-            return dict(restored["config"])
-        except Exception:  # noqa: BLE001 - a damaged checkpoint is reported by restore()
-            return None
-
     # -- saving -----------------------------------------------------------------------------
 
     def save(
@@ -213,7 +204,6 @@ class Checkpoints:
                     type(err).__name__,
                     str(err)[:200],
                 )
-                print(f"warning: checkpoint step {step} is damaged; trying an older one")
                 continue
             return restored["state"], restored["data"], step
         if steps:
@@ -250,8 +240,6 @@ def prepare_workdir(workdir: str, config: Mapping, *, overwrite: bool) -> None:
         print(f"checkpoint.overwrite=True: deleting the previous run's {directory}")
         shutil.rmtree(directory)
         return
-    import json
-
     try:
         with open(saved_path) as f:
             saved = json.load(f)

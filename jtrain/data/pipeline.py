@@ -34,6 +34,7 @@ import grain
 import numpy as np
 
 from jtrain.data import packing, sources, tokenizers
+from jtrain.data.documents import ConcatDocuments, Documents
 
 Batch = dict[str, np.ndarray]  # inputs, targets: int32[b, L]; mask: float32[b, L]
 # With packing also segment_ids, positions: int32[b, L].
@@ -171,13 +172,13 @@ def _split_stream(source: str, tokenizer: str, split: str) -> np.ndarray:
     return sources.load_documents(sources.SourceSpec("named", source), split, tokenizer, "").stream
 
 
-def _documents(s: _Settings, spec: sources.SourceSpec, split: str) -> sources.Documents:
+def _documents(s: _Settings, spec: sources.SourceSpec, split: str) -> Documents:
     return sources.load_documents(spec, split, s.tokenizer, s.text_field)
 
 
-def _split_documents(s: _Settings, split: str) -> sources.Documents:
+def _split_documents(s: _Settings, split: str) -> Documents:
     parts = [_documents(s, spec, split) for spec in s.specs]
-    return parts[0] if len(parts) == 1 else sources.ConcatDocuments(parts)
+    return parts[0] if len(parts) == 1 else ConcatDocuments(parts)
 
 
 def split_token_counts(config) -> dict[str, int]:

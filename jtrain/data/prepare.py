@@ -231,11 +231,7 @@ class _Preparer:
         self._write([text for _, text in kept], [split for split, _ in kept])
 
     def _write(self, texts: list[str], splits: list[int]) -> None:
-        encode_batch = getattr(self.tok, "encode_batch", None)
-        if encode_batch is not None:
-            batch = encode_batch(texts, add_bos=True, add_eos=True)
-        else:
-            batch = [self.tok.encode(text) for text in texts]
+        batch = self.tok.encode_batch(texts, add_bos=True, add_eos=True)
         for split, ids in zip(splits, batch, strict=True):
             self.writers[split].write(ids)
 
@@ -264,13 +260,6 @@ class _Preparer:
                 "fingerprint": fingerprint.hexdigest(),
             }
         return splits
-
-
-def _describe(tok, spec) -> dict:
-    describe = getattr(tok, "describe", None)
-    if describe is not None:
-        return describe()
-    return {"spec": str(spec), "vocab_size": int(tok.vocab_size)}
 
 
 def prepare(
@@ -326,7 +315,7 @@ def prepare(
         for split in sources.SPLITS:
             os.makedirs(os.path.join(tmp, split))
         manifest = _run(files, tmp, tok, config, progress)
-        manifest["tokenizer"] = _describe(tok, tokenizer)
+        manifest["tokenizer"] = tok.describe()
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
