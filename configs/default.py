@@ -28,7 +28,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # rematerialise each block: none | full | dots (save matmuls)
     c.model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
-    c.model.init_from = ""  # start from the parameters of a jtrain workdir/checkpoint dir
+    # Layout options of other model families; model.init_from="hf:PATH" sets them from the
+    # checkpoint's config.json, so they rarely need setting by hand.
+    c.model.norm = "rms"  # rms | layer (LayerNorm with bias, GPT-2)
+    c.model.positions = "rope"  # rope | learned (a max_seq_len-row table, GPT-2)
+    c.model.max_seq_len = 0  # longest sequence the model is for (learned positions' rows)
+    c.model.qkv_bias = False  # biases on the query/key/value projections (Qwen2, GPT-2)
+    c.model.out_bias = False  # bias on the attention output projection (GPT-2)
+    c.model.mlp_gated = True  # SwiGLU-style gate; False = down(act(up(x))) (GPT-2)
+    c.model.mlp_activation = "silu"  # silu | gelu | gelu_tanh
+    c.model.mlp_bias = False  # biases on the MLP projections (GPT-2)
+    c.model.sliding_window = 0  # attend to at most this many tokens, self included (0 = all)
+    c.model.rope_scaling = "none"  # none | linear | llama3 (long-context RoPE frequencies)
+    c.model.rope_factor = 1.0  # linear, llama3: context extension factor
+    c.model.rope_low_freq_factor = 1.0  # llama3 only, as in Hugging Face's rope_scaling
+    c.model.rope_high_freq_factor = 4.0  # llama3 only
+    c.model.rope_original_max_len = 8192  # llama3 only: the pretraining context length
+    # Start from pre-trained parameters (not optimizer or data state): a jtrain workdir or its
+    # checkpoints/ dir, or hf:PATH (a Hugging Face directory; model.* then come from it).
+    c.model.init_from = ""
 
     c.data = ml_collections.ConfigDict()
     # pydoc_topics (the embedded CPython docs) | prepared:DIR | files:GLOB (.jsonl/.txt[.gz]),

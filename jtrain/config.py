@@ -13,7 +13,7 @@ import sys
 
 import ml_collections
 
-from jtrain import optim, tasks
+from jtrain import optim, pretrained, tasks
 from jtrain.data import pipeline, tokenizers
 from jtrain.mesh import parse_rules
 from jtrain.models import transformer
@@ -78,12 +78,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(every >= 0, "checkpoint.every_steps", every, "must be >= 0 (0 = only at the end)")
     _require(ck.keep >= 1, "checkpoint.keep", ck.keep, "must be at least 1")
     init_from = config.model.init_from
-    _require(
-        not init_from or os.path.isdir(init_from),
-        "model.init_from",
-        init_from,
-        "must be '' or an existing jtrain workdir or checkpoints directory",
-    )
+    problem = pretrained.check(init_from)
+    _require(problem is None, "model.init_from", init_from, str(problem))
 
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
@@ -118,6 +114,19 @@ def _validate_model(config) -> None:
     _one_of("model.dtype", m.dtype, transformer.DTYPES)
     _one_of("model.remat", m.remat, transformer.REMAT_POLICIES)
     _one_of("model.attention", m.attention, transformer.ATTENTION_IMPLEMENTATIONS)
+    for name, allowed in transformer.CHOICES.items():
+        _one_of(f"model.{name}", m[name], allowed)
+    _require(m.max_seq_len >= 0, "model.max_seq_len", m.max_seq_len, "must be >= 0")
+    if m.positions == "learned":
+        seq_len = config.train.seq_len
+        _require(
+            m.max_seq_len >= seq_len,
+            "model.max_seq_len",
+            m.max_seq_len,
+            f"must be at least train.seq_len={seq_len} with learned positions (its table's rows)",
+        )
+    _require(m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0")
+    _require(m.rope_factor > 0, "model.rope_factor", m.rope_factor, "must be positive")
 
 
 def _validate_optimizer(config) -> None:
@@ -137,6 +146,20 @@ def _validate_optimizer(config) -> None:
     )
     _require(0 <= s.final_lr_ratio <= 1, "schedule.final_lr_ratio", s.final_lr_ratio, "in [0, 1]")
     _require(0 < s.decay_fraction <= 1, "schedule.decay_fraction", s.decay_fraction, "in (0, 1]")
+
+
+def prepare(config: ml_collections.ConfigDict) -> list[str]:
+    """Resolves what the config leaves to other files, then validates it.
+
+    With `model.init_from="hf:PATH"`, the model's architecture keys are set from PATH's
+    config.json. Returns a line per key that changed, for the log.
+    """
+    try:
+        changes = pretrained.apply_architecture(config)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"config.model.init_from={config.model.init_from!r}: {err}") from None
+    validate(config)
+    return changes
 
 
 def save_json(config: ml_collections.ConfigDict, workdir: str) -> str:

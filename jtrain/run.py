@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jtrain import checkpoint, generate, metrics
+from jtrain import checkpoint, generate, metrics, pretrained
 from jtrain import config as config_lib
 from jtrain.data import pipeline, tokenizers
 from jtrain.experiment import Experiment
@@ -102,7 +102,7 @@ def _initial_state(
         return state, step
     state = exp.init_state()
     if config.model.init_from:
-        params = checkpoint.load_params(config.model.init_from, exp.abstract_sharded_state().params)
+        params = pretrained.load(config.model.init_from, exp.abstract_sharded_state().params)
         state = state.replace(params=params)
         print(f"jtrain: parameters initialised from {config.model.init_from}", flush=True)
     return state, 0
@@ -215,8 +215,9 @@ def train_and_evaluate(
     returns the last {"train": ..., "val": ..., "test": ...} metrics. `task` overrides the
     objective that `config.task` names.
     """
-    config_lib.validate(config)
     started = time.perf_counter()
+    for change in config_lib.prepare(config):
+        print(f"jtrain: from {config.model.init_from}: {change}", flush=True)
     os.makedirs(workdir, exist_ok=True)
     checkpoint.prepare_workdir(workdir, config.to_dict(), overwrite=config.checkpoint.overwrite)
     config_lib.save_json(config, workdir)
@@ -235,6 +236,9 @@ def train_and_evaluate(
     )
     with metrics.MetricWriter(workdir) as writer, _Preemption() as preemption:
         loop = _Loop(config, exp, ckpts, train_iter, writer, started)
+        if first_step == 0 and config.model.init_from:
+            # Fine-tuning: the starting point's validation loss is the baseline to beat.
+            loop.evaluate(0, "val", state.params)
         state, preempted = loop.train(state, first_step, preemption)
         ckpts.wait()
         if not preempted:

@@ -1,7 +1,8 @@
 """Sources: where the documents of each split come from, as text and as token ids.
 
 A named source is a function returning `{split: [document text, ...]}` for every split in
-`SPLITS`, registered by name in `_SOURCES` (the CPython docs embedded in every install).
+`SPLITS`, registered by name in `_SOURCES` (the CPython docs and the standard library's source code,
+both embedded in every install).
 Splits are assigned with `split_of`, a hash of a document key alone, so they never depend on
 Python's hash seed or the input order. `data.source` names one source or a weighted mixture
 (`parse_spec`): a registered name, `prepared:DIR` (ArrayRecord shards of int32 token ids
@@ -101,7 +102,30 @@ def pydoc_topics() -> dict[str, list[str]]:
     return {split: list(texts) for split, texts in _pydoc_topics().items()}
 
 
-_SOURCES: dict[str, Callable[[], dict[str, list[str]]]] = {"pydoc_topics": pydoc_topics}
+@functools.cache
+def _python_stdlib() -> dict[str, tuple[str, ...]]:
+    import sysconfig
+
+    # Top-level modules only (168 files, 4.7 MB on CPython 3.11): packages add tests and
+    # generated tables, and the top level is already a different domain from the docs.
+    directory = sysconfig.get_paths()["stdlib"]
+    docs: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for path in sorted(glob.glob(os.path.join(directory, "*.py"))):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        docs[split_of(f"jtrain-stdlib-v1:{os.path.basename(path)}")].append(text)
+    return {split: tuple(texts) for split, texts in docs.items()}
+
+
+def python_stdlib() -> dict[str, list[str]]:
+    """Returns the source code of the standard library's top-level modules per split."""
+    return {split: list(texts) for split, texts in _python_stdlib().items()}
+
+
+_SOURCES: dict[str, Callable[[], dict[str, list[str]]]] = {
+    "pydoc_topics": pydoc_topics,
+    "python_stdlib": python_stdlib,
+}
 
 
 def source_names() -> tuple[str, ...]:

@@ -1,0 +1,85 @@
+"""Pre-trained weights for `model.init_from`: a jtrain run or a Hugging Face model directory.
+
+`load(spec, abstract_params)` reads parameters only (never optimizer or data state) straight
+into the shardings that `abstract_params` carries. `spec` is a jtrain workdir or
+`checkpoints/` directory, or `hf:PATH` for a local Hugging Face directory (config.json +
+safetensors). Passing a subtree of the model's parameters loads just those (a LoRA run loads
+its frozen base this way; the adapters start fresh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+from flax import nnx
+
+HF_PREFIX = "hf:"
+
+
+def is_hf(spec: str) -> bool:
+    """True for `hf:PATH` specs."""
+    return spec.startswith(HF_PREFIX)
+
+
+def hf_path(spec: str) -> str:
+    """The directory of an `hf:PATH` spec."""
+    return os.path.expanduser(spec[len(HF_PREFIX) :])
+
+
+def check(spec: str) -> str | None:
+    """What is wrong with an init_from spec (cheap: no weights read), or None if it can work."""
+    if not spec:
+        return None
+    if is_hf(spec):
+        path = hf_path(spec)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            return f"{path!r} is not a Hugging Face model directory (no config.json)"
+        return None
+    if not os.path.isdir(spec):
+        return "no such directory; give a jtrain workdir, its checkpoints/ directory or hf:PATH"
+    return None
+
+
+# TransformerConfig fields that are choices of the run, not part of a checkpoint's architecture.
+_RUN_FIELDS = ("dtype", "remat", "attention", "dropout")
+
+
+def apply_architecture(config) -> list[str]:
+    """Sets `config.model`'s architecture keys from an hf: init_from's config.json.
+
+    Returns `model.KEY: old -> new` for every key that changed (nothing for other specs).
+    Raises ValueError for a directory whose architecture jtrain cannot express.
+    """
+    spec = config.model.init_from
+    if not is_hf(spec) or check(spec) is not None:
+        return []  # validation reports a missing directory
+    from jtrain.interop import hf_config
+
+    with open(os.path.join(hf_path(spec), "config.json")) as f:
+        _, architecture = hf_config.config_from_hf(json.load(f))
+    changes = []
+    for field in dataclasses.fields(architecture):
+        name, value = field.name, getattr(architecture, field.name)
+        if name in _RUN_FIELDS or config.model[name] == value:
+            continue
+        changes.append(f"model.{name}: {config.model[name]!r} -> {value!r}")
+        config.model[name] = value
+    return changes
+
+
+def load(spec: str, abstract_params: nnx.State) -> nnx.State:
+    """Parameters from `spec`, shaped, typed and placed like `abstract_params`.
+
+    `abstract_params` leaves are `jax.ShapeDtypeStruct`s with a `sharding`.
+    """
+    if is_hf(spec):
+        from jtrain.interop import hf  # torch-free, but only needed for hf: specs
+
+        shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+        return hf.load_params(hf_path(spec), abstract_params, shardings)
+    from jtrain import checkpoint
+
+    return checkpoint.load_params(spec, abstract_params)
