@@ -47,10 +47,15 @@ def check(spec: str) -> str | None:
 _RUN_FIELDS = ("dtype", "remat", "attention", "dropout")
 
 
-def apply_architecture(config) -> list[str]:
-    """Sets `config.model`'s architecture keys from an hf: init_from's config.json.
+# Files whose presence makes a Hugging Face directory a tokenizer jtrain can load.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
-    Returns `model.KEY: old -> new` for every key that changed (nothing for other specs).
+
+def apply_architecture(config) -> list[str]:
+    """Sets `config.model`'s architecture keys from an hf: init_from's config.json, and
+    `data.tokenizer` to that directory when it is left at "byte" and the directory has one.
+
+    Returns `KEY: old -> new` for every key that changed (nothing for other specs).
     Raises ValueError for a directory whose architecture jtrain cannot express.
     """
     spec = config.model.init_from
@@ -67,6 +72,12 @@ def apply_architecture(config) -> list[str]:
             continue
         changes.append(f"model.{name}: {config.model[name]!r} -> {value!r}")
         config.model[name] = value
+    path = hf_path(spec)
+    has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+    if config.data.tokenizer == "byte" and has_tokenizer:
+        # Byte ids fed to a model trained on another vocabulary would train silently on noise.
+        changes.append(f"data.tokenizer: 'byte' -> {path!r}")
+        config.data.tokenizer = path
     return changes
 
 

@@ -162,3 +162,27 @@ def test_continued_pretraining_recipe_needs_its_base_run(tmp_path):
     config.model.init_from = str(tmp_path / "no-such-run")
     with pytest.raises(config_lib.ConfigError, match="config.model.init_from="):
         config_lib.prepare(config)
+
+
+def test_hf_init_from_takes_the_directorys_tokenizer_unless_one_is_set(llama_dir, tmp_path):
+    import shutil
+
+    import tokenizers as hf_tokenizers
+
+    path = str(tmp_path / "with_tokenizer")
+    shutil.copytree(llama_dir[0], path)
+    tok = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
+    tok.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainer=trainer)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = tiny(model__init_from=f"hf:{path}")
+    changes = config_lib.prepare(config)
+    assert config.data.tokenizer == path and f"data.tokenizer: 'byte' -> {path!r}" in changes
+    config = tiny(
+        model__init_from=f"hf:{path}", data__tokenizer=os.path.join(path, "tokenizer.json")
+    )
+    config_lib.prepare(config)  # a tokenizer the user named is kept
+    assert config.data.tokenizer.endswith("tokenizer.json")
