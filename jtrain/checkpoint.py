@@ -237,8 +237,9 @@ def prepare_workdir(workdir: str, config: Mapping, *, overwrite: bool) -> None:
     if not os.path.isdir(directory) or not os.listdir(directory):
         return
     if overwrite:
-        print(f"checkpoint.overwrite=True: deleting the previous run's {directory}")
-        shutil.rmtree(directory)
+        if jax.process_index() == 0:  # one deleter; the others wait at the caller's barrier
+            print(f"checkpoint.overwrite=True: deleting the previous run's {directory}")
+            shutil.rmtree(directory)
         return
     try:
         with open(saved_path) as f:

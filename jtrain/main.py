@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jtrain import run
+from jtrain import distributed, run
 from jtrain.checkpoint import CheckpointError
 from jtrain.config import ConfigError
 
@@ -14,6 +14,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and checkpoints.")
 _MODE = flags.DEFINE_enum("mode", "train", run.MODES, "What to do with the config.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a multi-process run."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, n).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,9 +28,11 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
+        # Before anything touches a device: TPU pods, SLURM and Open MPI need no flags.
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         if _MODE.value == "train":
             run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, CheckpointError, run.NonFiniteError) as err:
+    except (ConfigError, CheckpointError, run.NonFiniteError, distributed.SetupError) as err:
         # Problems the user can fix: the message says how; a traceback would bury it.
         sys.exit(f"error: {err}")
 

@@ -71,7 +71,11 @@ class _Preemption:
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # With several processes, JAX's own notifier (set up by jax.distributed.initialize)
+        # must receive SIGTERM: a Python handler would replace it, and the processes would
+        # never agree on a step to stop at.
+        single = jax.process_count() == 1
+        if single and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -88,6 +92,12 @@ class _Preemption:
         if jax.process_count() > 1:
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process of a multi-process run to get here."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _initial_state(
@@ -201,7 +211,7 @@ class _Loop:
             self.throughput.restart(step)  # evaluation and saving are not throughput
             if preempted:
                 self.ckpts.wait()
-                print(f"jtrain: preempted; saved step {step} in {self.ckpts.directory}")
+                print(f"jtrain: preempted; saved step {step} in {self.ckpts.directory}", flush=True)
                 return state, True
         return state, False
 
@@ -220,7 +230,9 @@ def train_and_evaluate(
         print(f"jtrain: from {config.model.init_from}: {change}", flush=True)
     os.makedirs(workdir, exist_ok=True)
     checkpoint.prepare_workdir(workdir, config.to_dict(), overwrite=config.checkpoint.overwrite)
-    config_lib.save_json(config, workdir)
+    _barrier("workdir checked")  # every process read the old config.json before it changes
+    if jax.process_index() == 0:
+        config_lib.save_json(config, workdir)
 
     exp = Experiment.from_config(config, task=task)
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint)

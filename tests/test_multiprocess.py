@@ -1,0 +1,96 @@
+"""Multi-process runs on one machine, as on several hosts: processes joined through
+jax.distributed on 127.0.0.1 train exactly like one process with the same devices, and a
+SIGTERM to any one of them makes every process save the same step and exit cleanly (JAX's
+preemption sync point), after which the run resumes there.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jtrain.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = [
+    "--config=configs/tiny.py",
+    "--config.train.log_every=1",
+    "--config.eval.every_steps=0",
+    "--config.eval.sample_tokens=0",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(workdir, devices: int, *flags, process: tuple[int, int] | None = None):
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "jtrain.main", f"--workdir={workdir}", *FLAGS, *flags]
+    if process is not None:
+        port, pid = process
+        cmd += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+        cmd += [f"--process_id={pid}"]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _start_pair(workdir, *flags):
+    port = _free_port()
+    return [_start(workdir, 2, *flags, process=(port, pid)) for pid in (0, 1)]
+
+
+def _finish(procs, timeout=240) -> list[str]:
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(out)
+    return outs
+
+
+def _losses(workdir) -> dict[int, float]:
+    events = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    return {e["step"]: e["loss"] for e in events if e["split"] == "train" and "loss" in e}
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
+    steps = "--config.train.steps=6"
+    _finish([_start(tmp_path / "one", 4, steps)])
+    _finish(_start_pair(tmp_path / "two", steps))
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 7))
+    # Same global mesh and batch; only the cross-process all-reduce (Gloo) may sum in
+    # another order, which moves float32 results by a few ulps at most.
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    val = lambda d: [e for e in read_metrics(str(d)) if e["split"] == "val"][-1]["loss"]  # noqa: E731
+    assert val(tmp_path / "two") == pytest.approx(val(tmp_path / "one"), rel=1e-5)
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    flags = ["--config.train.steps=400", "--config.checkpoint.every_steps=100"]
+    procs = _start_pair(tmp_path, *flags)
+    deadline = time.time() + 180
+    while not (tmp_path / "metrics.jsonl").exists() or max(_losses(tmp_path), default=0) < 8:
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "no step 8"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # a scheduler preempting one host
+    outs = _finish(procs)
+    saved = [re.search(r"preempted; saved step (\d+)", out) for out in outs]
+    assert all(saved), outs
+    step = int(saved[0].group(1))
+    assert int(saved[1].group(1)) == step and 8 <= step < 400
+    assert str(step) in os.listdir(tmp_path / "checkpoints")
+    # Both processes resume from that step (train.steps may grow on resume).
+    outs = _finish(_start_pair(tmp_path, f"--config.train.steps={step + 2}"))
+    assert all(f"at step {step}" in out for out in outs)
+    assert max(_losses(tmp_path)) == step + 2
