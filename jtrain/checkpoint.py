@@ -264,6 +264,7 @@ def prepare_workdir(workdir: str, config: Mapping, *, overwrite: bool) -> None:
 
 def load_params(path: str, abstract_params, *, step: int | None = None):
     """Parameters only (no optimizer or data state) from a jtrain workdir or checkpoint dir."""
+    path = os.path.abspath(os.path.expanduser(path))  # Orbax takes absolute paths only
     directory = path if os.path.basename(path.rstrip("/")) == "checkpoints" else None
     if directory is None:
         candidate = os.path.join(path, "checkpoints")

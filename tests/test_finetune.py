@@ -123,6 +123,13 @@ def test_export_writes_the_trained_weights_for_transformers(finetuned, llama_dir
     assert np.max(np.abs(_torch_logits(original, tokens) - trained)) > 1e-3
 
 
+def test_a_relative_workdir_exports(finetuned, tmp_path, monkeypatch):
+    workdir, _ = finetuned
+    monkeypatch.chdir(os.path.dirname(workdir))
+    export.export_hf(os.path.basename(workdir), "relative_out")
+    assert os.path.isfile(os.path.join(os.path.dirname(workdir), "relative_out", "config.json"))
+
+
 def test_export_of_an_earlier_step_and_refusals(finetuned, tmp_path):
     workdir, _ = finetuned
     export.export_hf(workdir, str(tmp_path / "step2"), step=2, dtype="bfloat16")
