@@ -19,6 +19,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, n).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process run JAX detects (TPU pod, GKE, SLURM, Open MPI)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,8 +31,10 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
-        # Before anything touches a device: TPU pods, SLURM and Open MPI need no flags.
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        # Before anything touches a device.
+        distributed.initialize(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
+        )
         if _MODE.value == "train":
             run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, CheckpointError, run.NonFiniteError, distributed.SetupError) as err:

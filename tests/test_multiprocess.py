@@ -65,7 +65,13 @@ def _losses(workdir) -> dict[int, float]:
 def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
     steps = "--config.train.steps=6"
     _finish([_start(tmp_path / "one", 4, steps)])
-    _finish(_start_pair(tmp_path / "two", steps))
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    env.update(PYTHON=sys.executable, JTRAIN_PORT=str(_free_port()))
+    launched = subprocess.run(
+        ["bash", "launch/local.sh", "2", f"--workdir={tmp_path / 'two'}", *FLAGS, steps],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(two) == list(range(1, 7))
     # Same global mesh and batch; only the cross-process all-reduce (Gloo) may sum in
