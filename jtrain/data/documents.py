@@ -2,6 +2,7 @@
 
 Pipelines only need `lengths`, `doc(i)` and `take(start, size)`; where the ids live (one
 in-memory stream, ArrayRecord shards, several sets in a row) is each subclass's concern.
+Weighted documents (SFT examples) also give each token's loss weight with `doc_weights(i)`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class Documents:
     """Token-id documents of one split (each BOS ... EOS), by index; subclasses supply doc()."""
 
     lengths: np.ndarray  # int64[n]: tokens per document
+    weighted: bool = False  # True: doc_weights(i) gives a loss weight per token
 
     def __len__(self) -> int:
         return int(self.lengths.size)
@@ -36,6 +38,10 @@ class Documents:
     def doc(self, index: int) -> np.ndarray:
         """Returns document `index` as int32 token ids."""
         raise NotImplementedError
+
+    def doc_weights(self, index: int) -> np.ndarray:
+        """Returns document `index`'s per-token loss weights (1 = predict this token)."""
+        raise NotImplementedError(f"{type(self).__name__} has no loss weights")
 
     def take(self, start: int, size: int) -> np.ndarray:
         """Returns tokens [start, start + size) of the concatenation (fewer at its end)."""
@@ -61,6 +67,23 @@ class InMemoryDocuments(Documents):
 
     def take(self, start: int, size: int) -> np.ndarray:
         return self.stream[start : start + size]
+
+
+class WeightedDocuments(InMemoryDocuments):
+    """In-memory documents with a loss weight per token (0/1 uint8), e.g. SFT examples."""
+
+    weighted = True
+
+    def __init__(self, docs: Sequence[np.ndarray], weights: Sequence[np.ndarray]):
+        super().__init__(docs)
+        if [w.size for w in weights] != self.lengths.tolist():
+            raise ValueError("every document needs exactly one weight per token")
+        flat = np.concatenate(weights) if weights else np.zeros((0,), dtype=np.uint8)
+        self.weights = flat.astype(np.uint8, copy=False)
+        self.weights.setflags(write=False)
+
+    def doc_weights(self, index: int) -> np.ndarray:
+        return self.weights[self.offsets[index] : self.offsets[index + 1]]
 
 
 class ArrayRecordDocuments(Documents):
@@ -112,7 +135,16 @@ class ConcatDocuments(Documents):
         self.parts = tuple(parts)
         self.lengths = np.concatenate([p.lengths for p in parts] or [np.zeros(0, np.int64)])
         self._firsts = np.cumsum([0] + [len(p) for p in parts])
+        self.weighted = bool(parts) and all(p.weighted for p in parts)
+
+    def _part(self, index: int) -> tuple[Documents, int]:
+        part = int(np.searchsorted(self._firsts, index, side="right")) - 1
+        return self.parts[part], index - int(self._firsts[part])
 
     def doc(self, index: int) -> np.ndarray:
-        part = int(np.searchsorted(self._firsts, index, side="right")) - 1
-        return self.parts[part].doc(index - int(self._firsts[part]))
+        part, index = self._part(index)
+        return part.doc(index)
+
+    def doc_weights(self, index: int) -> np.ndarray:
+        part, index = self._part(index)
+        return part.doc_weights(index)

@@ -9,10 +9,15 @@ of seq_len + 1 tokens by first-fit over a few open rows. A row's inputs are toke
 targets tokens[1:]; a target counts (mask 1) only where it is in the same segment as its
 input, so no loss crosses a document boundary or lands on padding.
 
+Weighted documents (SFT examples, never longer than a row) also carry a per-token loss
+weight: rows then hold a `loss_mask` beside the tokens, and a target counts only where its
+weight is 1 as well. Plain documents have no such row, so their batches are unchanged.
+
 Plans depend only on document lengths, so a process reads only the documents of its own rows.
 Training re-plans every epoch from the seed: documents shuffled, long documents cut at a
 random phase (chunk boundaries move between epochs, as the unpacked stream's cut offset
 does), rows shuffled. Evaluation plans once: documents in order, phase 0, rows in order.
+`example_plan` puts each document alone in its own row (SFT without packing).
 """
 
 from __future__ import annotations
@@ -138,44 +143,90 @@ def eval_plan(lengths: np.ndarray, seq_len: int) -> Plan:
     return make_plan(doc, start, length, first_fit(length, seq_len + 1))
 
 
+def example_plan(lengths: np.ndarray) -> Plan:
+    """Each document of 2 or more tokens alone in its own row, in order (none may be cut)."""
+    doc = np.flatnonzero(np.asarray(lengths, dtype=np.int64) >= _MIN_CHUNK)
+    length = np.asarray(lengths, dtype=np.int64)[doc]
+    return make_plan(doc, np.zeros_like(doc), length, np.arange(doc.size))
+
+
+WeightsFn = Callable[[int], np.ndarray] | None
+
+
 def build_row(
-    plan: Plan, row: int, get_doc: Callable[[int], np.ndarray], seq_len: int, pad_id: int
+    plan: Plan,
+    row: int,
+    get_doc: Callable[[int], np.ndarray],
+    seq_len: int,
+    pad_id: int,
+    get_weights: WeightsFn = None,
 ) -> Batch:
-    """Returns row `row` of `plan` as int32 tokens, segment_ids, positions [seq_len + 1]."""
-    tokens = np.full(seq_len + 1, pad_id, dtype=np.int32)
-    segment_ids = np.zeros(seq_len + 1, dtype=np.int32)
-    positions = np.zeros(seq_len + 1, dtype=np.int32)
+    """Returns row `row` of `plan` as int32 tokens, segment_ids, positions [seq_len + 1].
+
+    With `get_weights` (a document's per-token loss weights) the row also has `loss_mask`.
+    """
+    out = padding_row(seq_len, pad_id, weighted=get_weights is not None)
     at = 0
     lo, hi = plan.row_starts[row], plan.row_starts[row + 1]
     for segment, j in enumerate(range(lo, hi), start=1):
         start, n = int(plan.start[j]), int(plan.length[j])
-        tokens[at : at + n] = get_doc(int(plan.doc[j]))[start : start + n]
-        segment_ids[at : at + n] = segment
-        positions[at : at + n] = np.arange(n)
+        out["tokens"][at : at + n] = get_doc(int(plan.doc[j]))[start : start + n]
+        out["segment_ids"][at : at + n] = segment
+        out["positions"][at : at + n] = np.arange(n)
+        if get_weights is not None:
+            out["loss_mask"][at : at + n] = get_weights(int(plan.doc[j]))[start : start + n]
         at += n
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+    return out
 
 
-def padding_row(seq_len: int, pad_id: int) -> Batch:
+def padding_row(seq_len: int, pad_id: int, weighted: bool = False) -> Batch:
     """A row with no tokens: PAD, segment 0, so every target is masked."""
-    return {
+    row = {
         "tokens": np.full(seq_len + 1, pad_id, dtype=np.int32),
         "segment_ids": np.zeros(seq_len + 1, dtype=np.int32),
         "positions": np.zeros(seq_len + 1, dtype=np.int32),
     }
+    if weighted:
+        row["loss_mask"] = np.zeros(seq_len + 1, dtype=np.float32)
+    return row
 
 
 def to_batch(rows: Batch) -> Batch:
-    """Turns packed rows [b, L + 1] into inputs, targets, mask, segment_ids, positions [b, L]."""
+    """Turns packed rows [b, L + 1] into inputs, targets, mask, segment_ids, positions [b, L].
+
+    A row's `loss_mask` (weighted documents) multiplies the mask at each target token.
+    """
     tokens, segment_ids = rows["tokens"], rows["segment_ids"]
     same = segment_ids[:, 1:] == segment_ids[:, :-1]
+    mask = (same & (segment_ids[:, :-1] > 0)).astype(np.float32)
+    if "loss_mask" in rows:
+        mask *= rows["loss_mask"][:, 1:]
     return {
         "inputs": np.ascontiguousarray(tokens[:, :-1]),
         "targets": np.ascontiguousarray(tokens[:, 1:]),
-        "mask": (same & (segment_ids[:, :-1] > 0)).astype(np.float32),
+        "mask": mask,
         "segment_ids": np.ascontiguousarray(segment_ids[:, :-1]),
         "positions": np.ascontiguousarray(rows["positions"][:, :-1]),
     }
+
+
+def weights_fn(documents) -> WeightsFn:
+    """`documents.doc_weights` if its documents are weighted, else None."""
+    return documents.doc_weights if getattr(documents, "weighted", False) else None
+
+
+class PlanRows:
+    """Row i of one fixed plan (SFT without packing: one example per row)."""
+
+    def __init__(self, plan: Plan, documents, seq_len: int, pad_id: int):
+        self._plan, self._documents = plan, documents
+        self._seq_len, self._pad_id = seq_len, pad_id
+
+    def __call__(self, row: int) -> Batch:
+        get_weights = weights_fn(self._documents)
+        return build_row(
+            self._plan, row, self._documents.doc, self._seq_len, self._pad_id, get_weights
+        )
 
 
 class EpochRows:
@@ -183,7 +234,7 @@ class EpochRows:
 
     Epochs have different row counts (packing depends on the order), so the row counts of
     earlier epochs are computed on first need and kept; the last two plans are cached.
-    `documents` needs `lengths` and `doc(i)`.
+    `documents` needs `lengths` and `doc(i)`, and `doc_weights(i)` if `weighted`.
     """
 
     def __init__(self, documents, seq_len: int, seed: int, pad_id: int):
@@ -232,17 +283,26 @@ class EpochRows:
 
     def __call__(self, index: int) -> Batch:
         epoch, row = self.locate(index)
-        return build_row(self.plan(epoch), row, self._documents.doc, self._seq_len, self._pad_id)
+        documents = self._documents
+        plan = self.plan(epoch)
+        return build_row(
+            plan, row, documents.doc, self._seq_len, self._pad_id, weights_fn(documents)
+        )
 
 
 def eval_rows(
-    plan: Plan, rows: Sequence[int], get_doc: Callable[[int], np.ndarray], seq_len: int, pad_id
+    plan: Plan,
+    rows: Sequence[int],
+    get_doc: Callable[[int], np.ndarray],
+    seq_len: int,
+    pad_id,
+    get_weights: WeightsFn = None,
 ) -> Batch:
     """Stacks rows of an evaluation plan; indices past its end are padding rows."""
     built = [
-        build_row(plan, r, get_doc, seq_len, pad_id)
+        build_row(plan, r, get_doc, seq_len, pad_id, get_weights)
         if r < plan.num_rows
-        else padding_row(seq_len, pad_id)
+        else padding_row(seq_len, pad_id, weighted=get_weights is not None)
         for r in rows
     ]
     return {key: np.stack([row[key] for row in built]) for key in built[0]}

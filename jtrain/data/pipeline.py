@@ -8,6 +8,10 @@ endless stream of rows of seq_len + 1 tokens:
 - unpacked: the documents as one BOS ... EOS stream, cut into non-overlapping rows at an offset
   that changes every epoch, rows shuffled per epoch.
 
+With `task="sft"` the documents are chat examples with a loss weight per token (see `sft`):
+packed whole (an example never spans rows), or one per row without packing; a target counts
+only where it is a response token, in training and evaluation alike.
+
 A mixture interleaves the sources' rows deterministically in proportion to their weights
 (`grain.MapDataset.mix`), so weights are fractions of rows, i.e. of tokens. Rows are batched
 with Grain, built in worker processes when `data.workers > 0` (`mp_prefetch`) and prefetched
@@ -33,7 +37,7 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from jtrain.data import packing, sources, tokenizers
+from jtrain.data import packing, sft, sources, tokenizers
 from jtrain.data.documents import ConcatDocuments, Documents
 
 Batch = dict[str, np.ndarray]  # inputs, targets: int32[b, L]; mask: float32[b, L]
@@ -43,7 +47,13 @@ Batch = dict[str, np.ndarray]  # inputs, targets: int32[b, L]; mask: float32[b, 
 # and the iterator state then sits exactly at the consumed position.
 _READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 _MIN_SHM_BYTES = 1 << 20
-_DEFAULTS = {"packing": True, "workers": 0, "prefetch": 2, "text_field": "text"}
+_DEFAULTS = {
+    "packing": True,
+    "workers": 0,
+    "prefetch": 2,
+    "text_field": "text",
+    "chat_template": "builtin",
+}
 # Iterators still open at exit are closed, and dropped ones collected, while the interpreter is
 # whole: Grain's prefetch iterators left to `__del__` during shutdown fail noisily.
 _OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
@@ -61,6 +71,8 @@ class _Settings:
     """The validated config fields the pipelines read."""
 
     specs: tuple[sources.SourceSpec, ...]
+    sft: bool  # task == "sft": documents are chat examples with loss weights
+    chat_template: str
     source: str
     tokenizer: str
     pad_id: int
@@ -105,9 +117,17 @@ def validate_data_config(config) -> None:
     _validated(config)
 
 
+def _is_sft(config) -> bool:
+    return config.get("task") == "sft"
+
+
 def _validated(config) -> tuple[tuple[sources.SourceSpec, ...], tokenizers.Tokenizer]:
-    specs = sources.parse_spec(config.data.source)
     tokenizer = _get_tokenizer(config.data.tokenizer)
+    if _is_sft(config):
+        template = _data_key(config, "chat_template")
+        specs = sft.validate(config.data.source, config.data.tokenizer, template)
+    else:
+        specs = sources.parse_spec(config.data.source)
     for spec in specs:
         if spec.kind == "prepared":
             manifest = sources.read_manifest(config.data.source, spec.target)
@@ -144,6 +164,8 @@ def _settings(config, process_index: int, process_count: int) -> _Settings:
         raise ValueError(f"seed must be an integer, got {config.seed!r}.")
     return _Settings(
         specs=specs,
+        sft=_is_sft(config),
+        chat_template=_data_key(config, "chat_template"),
         source=config.data.source,
         tokenizer=config.data.tokenizer,
         pad_id=int(tokenizer.pad_id),
@@ -173,6 +195,8 @@ def _split_stream(source: str, tokenizer: str, split: str) -> np.ndarray:
 
 
 def _documents(s: _Settings, spec: sources.SourceSpec, split: str) -> Documents:
+    if s.sft:
+        return sft.load_examples(spec, split, s.tokenizer, s.chat_template, s.seq_len)
     return sources.load_documents(spec, split, s.tokenizer, s.text_field)
 
 
@@ -240,11 +264,19 @@ def _source_rows(s: _Settings, index: int, spec: sources.SourceSpec) -> grain.Ma
     documents = _documents(s, spec, "train")
     shuffle_seed, offset_seed = _data_seeds(s.seed, index)
     where = f"the train split of {spec}" + (f" in data.source={s.source!r}" if index else "")
+    if (s.packing or s.sft) and not (documents.lengths >= 2).any():
+        raise ValueError(f"{where} has no document with 2 or more tokens; check the data.")
     if s.packing:
-        if not (documents.lengths >= 2).any():
-            raise ValueError(f"{where} has no document with 2 or more tokens; check the data.")
         rows = packing.EpochRows(documents, s.seq_len, shuffle_seed, s.pad_id)
         return grain.MapDataset.range(np.iinfo(np.int64).max).map(rows)
+    if s.sft:  # one example per row, padded; examples shuffled every epoch
+        plan = packing.example_plan(documents.lengths)
+        return (
+            grain.MapDataset.range(plan.num_rows)
+            .shuffle(seed=shuffle_seed)
+            .repeat()
+            .map(packing.PlanRows(plan, documents, s.seq_len, s.pad_id))
+        )
     rows_per_epoch = train_rows_per_epoch(documents.num_tokens, s.seq_len)
     if rows_per_epoch < 1:
         raise ValueError(
@@ -267,7 +299,7 @@ def train_dataset(config, *, process_index: int = 0, process_count: int = 1) -> 
     rows = row_sets[0]
     if len(row_sets) > 1:
         rows = grain.MapDataset.mix(row_sets, [spec.weight for spec in s.specs])
-    to_batch = packing.to_batch if s.packing else _to_batch
+    to_batch = packing.to_batch if s.packing or s.sft else _to_batch
     return (
         # Local batches in global order; process p takes every process_count-th one, so
         # global batch t is local batches t * process_count + (0, 1, ...) in process order.
@@ -340,7 +372,7 @@ def eval_batches(
         raise ValueError(f"Unknown split {split!r}; allowed: {', '.join(sources.SPLITS)}.")
     steps = _eval_steps(config)
     documents = _split_documents(s, split)
-    if s.packing:
+    if s.packing or s.sft:
         return _packed_eval_iterator(documents, s, steps)
     return _eval_iterator(documents, s, steps)
 
@@ -370,7 +402,13 @@ def _eval_iterator(documents, s: _Settings, steps: int) -> Iterator[Batch]:
 
 
 def _packed_eval_iterator(documents, s: _Settings, steps: int) -> Iterator[Batch]:
-    plan = packing.eval_plan(documents.lengths, s.seq_len)
+    if s.packing:
+        plan = packing.eval_plan(documents.lengths, s.seq_len)
+    else:
+        plan = packing.example_plan(documents.lengths)  # SFT: one example per row
+    weights = packing.weights_fn(documents)
     for step in range(_num_batches(plan.num_rows, s, steps)):
-        rows = packing.eval_rows(plan, _local_rows(s, step), documents.doc, s.seq_len, s.pad_id)
-        yield packing.to_batch(rows)
+        rows = _local_rows(s, step)
+        yield packing.to_batch(
+            packing.eval_rows(plan, rows, documents.doc, s.seq_len, s.pad_id, weights)
+        )

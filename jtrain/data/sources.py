@@ -164,12 +164,12 @@ class SourceSpec:
         return f"{prefix}{self.target}"
 
 
-def _bad_spec(spec, problem: str) -> ValueError:
-    allowed = _ALLOWED.format(names=", ".join(source_names()))
+def _bad_spec(spec, problem: str, names: Sequence[str] | None = None) -> ValueError:
+    allowed = _ALLOWED.format(names=", ".join(source_names() if names is None else names))
     return ValueError(f"data.source={spec!r} is invalid: {problem}; allowed: {allowed}.")
 
 
-def _parse_item(spec: str, item: str) -> SourceSpec:
+def _parse_item(spec: str, item: str, names: Sequence[str] | None = None) -> SourceSpec:
     body, weight = item, 1.0
     head, sep, tail = item.rpartition("=")
     if sep:
@@ -180,26 +180,29 @@ def _parse_item(spec: str, item: str) -> SourceSpec:
         else:
             body = head.strip()
             if not (math.isfinite(weight) and weight > 0):
-                raise _bad_spec(spec, f"the weight of {body!r} must be a positive number")
+                raise _bad_spec(spec, f"the weight of {body!r} must be a positive number", names)
     for kind, prefix in (("prepared", PREPARED), ("files", FILES)):
         if body.startswith(prefix):
             target = body[len(prefix) :].strip()
             if not target:
-                raise _bad_spec(spec, f"{body!r} names no path")
+                raise _bad_spec(spec, f"{body!r} names no path", names)
             return SourceSpec(kind, target, weight)
-    if body not in _SOURCES:
-        raise _bad_spec(spec, f"{body!r} is not a known source")
+    if body not in (_SOURCES if names is None else names):
+        raise _bad_spec(spec, f"{body!r} is not a known source", names)
     return SourceSpec("named", body, weight)
 
 
-def parse_spec(spec) -> tuple[SourceSpec, ...]:
-    """Parses `data.source`: comma-separated sources, each with an optional `=weight`."""
+def parse_spec(spec, names: Sequence[str] | None = None) -> tuple[SourceSpec, ...]:
+    """Parses `data.source`: comma-separated sources, each with an optional `=weight`.
+
+    `names` replaces the registered text sources as the names allowed (SFT example sets).
+    """
     if not isinstance(spec, str) or not spec.strip():
-        raise _bad_spec(spec, "it must be a non-empty string")
+        raise _bad_spec(spec, "it must be a non-empty string", names)
     items = [item.strip() for item in spec.split(",")]
     if not all(items):
-        raise _bad_spec(spec, "it has an empty item between commas")
-    return tuple(_parse_item(spec, item) for item in items)
+        raise _bad_spec(spec, "it has an empty item between commas", names)
+    return tuple(_parse_item(spec, item, names) for item in items)
 
 
 def _encode_all(texts: Sequence[str], tokenizer) -> list[np.ndarray]:
