@@ -47,13 +47,24 @@ def get_config() -> ml_collections.ConfigDict:
     # Start from pre-trained parameters (not optimizer or data state): a jtrain workdir or its
     # checkpoints/ dir, or hf:PATH (a Hugging Face directory; model.* then come from it).
     c.model.init_from = ""
+    # LoRA: train low-rank adapters on a frozen base (rank 0 = off: every parameter trains).
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0  # adapter rank r; 0 = full fine-tuning
+    c.model.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    c.model.lora.dropout = 0.0  # dropout on an adapter's input, during training only
+    # Kernels to adapt, comma-separated names or glob patterns: q,k,v,o (attention),
+    # gate,up,down (MLP), attn.*, mlp.*, or "all".
+    c.model.lora.targets = "q,k,v,o"
+    c.model.lora.base_dtype = "float32"  # frozen base storage: float32 | bfloat16 | int8
 
     c.data = ml_collections.ConfigDict()
     # pydoc_topics (the embedded CPython docs) | prepared:DIR | files:GLOB (.jsonl/.txt[.gz]),
     # or a weighted mixture of them: "prepared:/data/web=0.7,pydoc_topics=0.3".
+    # task=sft: python_docstrings | files:GLOB (.jsonl[.gz] of prompt/response or messages).
     c.data.source = "pydoc_topics"
     c.data.tokenizer = "byte"  # bytes 0-255 plus PAD/BOS/EOS
     c.data.text_field = "text"  # files: sources: the JSONL field that holds a document's text
+    c.data.chat_template = "builtin"  # task=sft: builtin | tokenizer (its config's) | a .jinja
     c.data.packing = True  # whole documents per row with segment ids; False = one cut stream
     c.data.workers = 0  # Grain worker processes building batches (0 = in the training process)
     c.data.prefetch = 2  # batches built ahead in a background thread (0 = none)

@@ -16,7 +16,7 @@ import ml_collections
 from jtrain import optim, pretrained, tasks
 from jtrain.data import pipeline, tokenizers
 from jtrain.mesh import parse_rules
-from jtrain.models import transformer
+from jtrain.models import lora, transformer
 
 
 class ConfigError(ValueError):
@@ -90,6 +90,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(err)) from None
 
     _validate_optimizer(config)
+    _validate_lora(config)
     peak = config.metrics.peak_flops_per_device
     _require(peak >= 0, "metrics.peak_flops_per_device", peak, "must be >= 0 (0 = auto)")
 
@@ -127,6 +128,32 @@ def _validate_model(config) -> None:
         )
     _require(m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0")
     _require(m.rope_factor > 0, "model.rope_factor", m.rope_factor, "must be positive")
+
+
+def _validate_lora(config) -> None:
+    lora_cfg = config.model.get("lora")
+    if lora_cfg is None:  # a config written before LoRA existed: no adapters
+        return
+    rank, alpha, dropout = lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout
+    _require(isinstance(rank, int) and rank >= 0, "model.lora.rank", rank, "must be >= 0 (0 = off)")
+    _require(alpha > 0, "model.lora.alpha", alpha, "must be positive (the scale is alpha / rank)")
+    _require(0.0 <= dropout < 1.0, "model.lora.dropout", dropout, "must be in [0, 1)")
+    targets = lora.parse_targets(lora_cfg.targets)
+    unknown = lora.unmatched_targets(targets)
+    _require(
+        bool(targets) and not unknown,
+        "model.lora.targets",
+        lora_cfg.targets,
+        f"{', '.join(unknown) or 'it'} matches no kernel; give comma-separated names or glob "
+        f"patterns over {', '.join(lora.TARGET_NAMES)} (or attn.q, mlp.up, ...), or 'all'",
+    )
+    _one_of("model.lora.base_dtype", lora_cfg.base_dtype, lora.BASE_DTYPES)
+    _require(
+        rank > 0 or lora_cfg.base_dtype == "float32",
+        "model.lora.base_dtype",
+        lora_cfg.base_dtype,
+        "needs model.lora.rank > 0: only a frozen base is stored in a lower precision",
+    )
 
 
 def _validate_optimizer(config) -> None:

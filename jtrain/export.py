@@ -4,9 +4,9 @@
 
 Reads the run's config.json and the parameters of its latest (or `--step`) checkpoint, and
 writes config.json + safetensors (+ the tokenizer files when `data.tokenizer` is a Hugging
-Face tokenizer) that `transformers.AutoModelForCausalLM.from_pretrained` loads. Parameters are
-placed over all local devices (FSDP-style) while loading, so a model larger than one device
-exports too; the writer then gathers them one tensor at a time.
+Face tokenizer) that `transformers.AutoModelForCausalLM.from_pretrained` loads. A LoRA run is
+exported merged: its adapters folded into the base weights. The weights are assembled in host
+memory, whatever devices and mesh the run used.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import sys
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
-from jtrain import checkpoint, tasks
-from jtrain import mesh as mesh_lib
+from jtrain import checkpoint, pretrained
+from jtrain.experiment import Experiment
 from jtrain.interop import hf
+from jtrain.models import lora
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The jtrain run to export.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "A new (or empty) directory to write.")
@@ -52,24 +53,29 @@ def _tokenizer_dir(config) -> str | None:
     return None
 
 
-def trained_model(workdir: str, *, step: int | None = None) -> nnx.Module:
-    """The model of a run with the parameters of its checkpoint at `step` (None = latest)."""
-    config = run_config(workdir)
-    task = tasks.get(config)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: task.make_model(nnx.Rngs(0))))
-    # All local devices on one FSDP axis: parameters are spread over them, never replicated.
-    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    replicated = {name: "" for name in config.mesh.rules}
+def _host_devices() -> list[jax.Device]:
+    """One device in host memory (the writer gathers every tensor to the host anyway)."""
     try:
-        rules = mesh_lib.parse_rules({**replicated, "embed": "fsdp"})
-        shardings = mesh_lib.tree_shardings(abstract, mesh, rules)
-    except ValueError:  # a width the device count does not divide: keep whole copies
-        shardings = mesh_lib.tree_shardings(abstract, mesh, mesh_lib.parse_rules(replicated))
-    sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    params = checkpoint.load_params(workdir, sharded, step=step)
-    return nnx.merge(graphdef, params)
+        return jax.devices("cpu")[:1]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        return jax.local_devices()[:1]
+
+
+def trained_model(workdir: str, *, step: int | None = None) -> nnx.Module:
+    """The run's model with the weights of its checkpoint at `step` (None = the latest).
+
+    A LoRA run's checkpoint holds its adapters only: the frozen base is rebuilt as the run
+    built it (from model.init_from, or from the seed), and the adapters are merged into it.
+    """
+    config = run_config(workdir)
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    exp = Experiment.from_config(config, _host_devices())
+    params = checkpoint.load_params(workdir, exp.abstract_sharded_state().params, step=step)
+    if not exp.has_frozen():
+        return nnx.merge(exp.graphdef, params)
+    init_from = config.model.init_from
+    base = pretrained.load(init_from, exp.abstract_base) if init_from else None
+    return lora.merge(nnx.merge(exp.graphdef, params, exp.init_frozen(base=base)))
 
 
 def export_hf(
@@ -105,6 +111,8 @@ def export_hf(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
     try:
         family = export_hf(
             _WORKDIR.value, _TO_HF.value, step=_STEP.value, dtype=_DTYPE.value, family=_FAMILY.value

@@ -38,7 +38,10 @@ class _Throughput:
     def __init__(self, exp: Experiment, tokens_per_step: int):
         cfg = exp.config
         self.tokens_per_step = tokens_per_step
-        self.flops_per_token = exp.task.flops_per_token(cfg.train.seq_len)
+        # A LoRA run's frozen base gets no weight gradients: fewer FLOPs per token.
+        self.flops_per_token = exp.task.flops_per_token(
+            cfg.train.seq_len, weight_grads=not exp.has_frozen()
+        )
         self.num_devices = exp.mesh.size
         self.peak = metrics.device_peak_flops(
             exp.mesh.devices.flat[0], cfg.metrics.peak_flops_per_device
@@ -103,18 +106,27 @@ def _barrier(name: str) -> None:
 def _initial_state(
     exp: Experiment, ckpts: checkpoint.Checkpoints, train_iter, config
 ) -> tuple[TrainState, int]:
-    """The latest good checkpoint (with the data position), else a fresh or init_from state."""
-    restored = ckpts.restore_latest(exp.abstract_sharded_state())
+    """The latest good checkpoint (with the data position), else a fresh or init_from state.
+
+    Checkpoints hold all but the frozen base of a LoRA run, which is rebuilt here exactly as
+    the run first built it: from model.init_from, or else from the seed.
+    """
+    init_from = config.model.init_from
+
+    def base():
+        return pretrained.load(init_from, exp.abstract_base) if init_from else None
+
+    restored = ckpts.restore_latest(exp.abstract_sharded_state().checkpointed())
     if restored is not None:
         state, data_state, step = restored
         train_iter.set_state(data_state)
+        # Only a LoRA run reads init_from again: a full run's checkpoint holds every weight.
+        frozen = exp.init_frozen(base=base() if exp.has_frozen() else None)
         print(f"jtrain: resumed from {ckpts.directory} at step {step}", flush=True)
-        return state, step
-    state = exp.init_state()
-    if config.model.init_from:
-        params = pretrained.load(config.model.init_from, exp.abstract_sharded_state().params)
-        state = state.replace(params=params)
-        print(f"jtrain: parameters initialised from {config.model.init_from}", flush=True)
+        return state.replace(frozen=frozen), step
+    state = exp.init_state(base=base())
+    if init_from:
+        print(f"jtrain: parameters initialised from {init_from}", flush=True)
     return state, 0
 
 
@@ -148,7 +160,7 @@ class _Loop:
     def save(self, state: TrainState, val: dict | None) -> None:
         """Starts an async checkpoint of the state and the data position after it."""
         self.ckpts.save(
-            state,
+            state.checkpointed(),  # a LoRA run's frozen base is rebuilt, not saved
             data_state=self.train_iter.get_state(),
             config=self.config.to_dict(),
             metrics=val,
@@ -205,7 +217,7 @@ class _Loop:
             self.finish_step(*previous)
             previous = None
             if do_eval:
-                self.evaluate(step, "val", state.params)
+                self.evaluate(step, "val", state.model_params)
             if do_save or preempted:
                 self.save(state, self.results.get("val") if do_eval else None)
             self.throughput.restart(step)  # evaluation and saving are not throughput
@@ -242,7 +254,9 @@ def train_and_evaluate(
     state, first_step = _initial_state(exp, ckpts, train_iter, config)
     t = config.train
     print(
-        f"jtrain: {exp.param_count():,} parameters, mesh {dict(exp.mesh.shape)}, "
+        f"jtrain: {exp.param_count():,} trained parameters"
+        + (f" on a frozen base of {exp.frozen_count():,}" if exp.has_frozen() else "")
+        + f", mesh {dict(exp.mesh.shape)}, "
         f"steps {first_step + 1}..{t.steps} of {t.batch_size}x{t.seq_len} tokens",
         flush=True,
     )
@@ -250,24 +264,32 @@ def train_and_evaluate(
         loop = _Loop(config, exp, ckpts, train_iter, writer, started)
         if first_step == 0 and config.model.init_from:
             # Fine-tuning: the starting point's validation loss is the baseline to beat.
-            loop.evaluate(0, "val", state.params)
+            loop.evaluate(0, "val", state.model_params)
         state, preempted = loop.train(state, first_step, preemption)
         ckpts.wait()
         if not preempted:
             if first_step == t.steps:
-                loop.evaluate(t.steps, "val", state.params)  # a finished run, resumed: report
-            loop.evaluate(t.steps, "test", state.params)  # the test split: once, at the end
+                loop.evaluate(t.steps, "val", state.model_params)  # a finished run, resumed
+            loop.evaluate(t.steps, "test", state.model_params)  # the test split: once, at the end
             writer.write(t.steps, "train", {"wall_time": time.perf_counter() - started})
     ckpts.close()
     if config.eval.sample_tokens and not preempted:
-        _print_sample(exp, state.params, config)
+        _print_sample(exp, state.model_params, config)
     return loop.results
 
 
 def _print_sample(exp: Experiment, params, config) -> None:
     tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
     prompt = config.eval.sample_prompt
-    ids = tokenizer.encode(prompt, add_bos=True, add_eos=False)
+    stop_id = tokenizer.eos_id
+    if config.task == "sft":  # the prompt as a user turn, answered as the template's assistant
+        from jtrain.data import chat
+
+        template = chat.load(config.data.chat_template, config.data.tokenizer)
+        ids, stop_id = chat.prompt_ids(template, tokenizer, prompt), template.stop_id
+        prompt += "\n-> "
+    else:
+        ids = tokenizer.encode(prompt, add_bos=True, add_eos=False)
     temperature = config.eval.sample_temperature
     new = generate.sample(
         exp.graphdef,
@@ -275,7 +297,7 @@ def _print_sample(exp: Experiment, params, config) -> None:
         np.asarray(ids),
         max_new_tokens=config.eval.sample_tokens,
         window=config.train.seq_len,
-        stop_id=tokenizer.eos_id,
+        stop_id=stop_id,
         temperature=temperature,
         seed=config.seed,
     )

@@ -5,19 +5,31 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from flax import struct
+from flax import nnx, struct
 
 
 @struct.dataclass
 class TrainState:
-    """Parameters, optimizer state, the step counter and the run's base PRNG key.
+    """Trainable and frozen parameters, optimizer state, the step counter and the base PRNG key.
 
     The model's structure (nnx graphdef) is not part of the state: it is static and is
     bound to the step function once, so the state holds only arrays.
     """
 
-    params: Any  # nnx.State of Params, each tagged with logical axis names
+    params: Any  # nnx.State of the trained Params, each tagged with logical axis names
     opt_state: Any  # optax state; its moments keep the Param wrappers and names
     step: jax.Array  # int32 scalar: training steps taken (batches consumed)
     rng: jax.Array  # base key; step n uses fold_in(rng, n), so resuming needs no key history
     skipped: jax.Array  # int32 scalar: steps whose update was dropped for a non-finite loss
+    # The rest of the model, which gets no gradients: a LoRA run's base (empty when every
+    # parameter trains). Not checkpointed: it is rebuilt from model.init_from or the seed.
+    frozen: Any = None
+
+    @property
+    def model_params(self) -> nnx.State:
+        """Every variable of the model, trained and frozen: what evaluation and sampling use."""
+        return self.params if self.frozen is None else nnx.merge_state(self.params, self.frozen)
+
+    def checkpointed(self) -> TrainState:
+        """The part of the state that checkpoints hold: all but the frozen base."""
+        return self.replace(frozen=None)

@@ -2,6 +2,8 @@
 
 `train_step(state, batch) -> (state, metrics)` has no side effects: the model structure,
 the task and the optimizer are bound as keywords before jit, so only arrays are traced.
+Gradients are taken of `state.params` only; `state.frozen` (a LoRA run's base, else empty)
+completes the model and passes through unchanged.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from jtrain.state import TrainState
 from jtrain.tasks.base import Batch, LossOutput, Task
 
 
-def _loss_and_grads(params, batch: Batch, rng, *, graphdef, task: Task):
+def _loss_and_grads(params, frozen, batch: Batch, rng, *, graphdef, task: Task):
     """Gradient of the summed loss (not the mean), so micro-batches add up exactly."""
 
     def loss_fn(p):
-        out = task.loss(nnx.merge(graphdef, p), batch, dropout_rng=rng)
+        out = task.loss(nnx.merge(graphdef, p, frozen), batch, dropout_rng=rng)
         return out.loss_sum, out
 
     grads, out = jax.grad(loss_fn, has_aux=True)(params)
@@ -56,17 +58,18 @@ def train_step(
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = functools.partial(_loss_and_grads, graphdef=graphdef, task=task)
     if microbatches == 1:
-        grads, out = grad_fn(state.params, batch, rng)
+        grads, out = grad_fn(state.params, state.frozen, batch, rng)
     else:
 
         def accumulate(carry, xs):
             micro, i = xs
-            g, o = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+            g, o = grad_fn(state.params, state.frozen, micro, jax.random.fold_in(rng, i))
             return jax.tree.map(jnp.add, carry, (g, o)), None
 
         micro_batches = _split_microbatches(batch, microbatches)
         first = jax.tree.map(lambda x: x[0], micro_batches)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rng))
+        shapes = jax.eval_shape(grad_fn, state.params, state.frozen, first, rng)
+        zeros = jax.tree.map(jnp.zeros_like, shapes)
         (grads, out), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(microbatches)))
 
     weight = jnp.maximum(out.weight, 1.0)
@@ -103,7 +106,11 @@ def eval_step(params, batch: Batch, *, graphdef: nnx.GraphDef, task: Task) -> Lo
 def jit_train_step(
     *, graphdef, task, tx, schedule, microbatches: int, state_shardings, batch_sharding
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """train_step compiled once: state in and out with its shardings, and donated."""
+    """train_step compiled once: state in and out with its shardings, and donated.
+
+    Donation also covers the frozen base: XLA aliases it from input to output, so passing
+    it through costs no copy (without donation it would be copied every step).
+    """
     step = functools.partial(
         train_step,
         graphdef=graphdef,

@@ -91,14 +91,11 @@ def test_hf_init_from_takes_the_architecture_from_config_json(finetuned):
     assert model["max_seq_len"] == 64 and model["norm_eps"] == 1e-6
 
 
-def test_step_zero_validation_is_the_hugging_face_models_loss(finetuned, llama_dir):
-    workdir, config = finetuned
-    _, reference = llama_dir
-    val = [e for e in read_metrics(workdir) if e["split"] == "val"]
-    assert [e["step"] for e in val] == [0, 2, 4]
+def _transformers_val_loss(model, config) -> float:
+    """The mean next-token NLL of a transformers model over the run's validation batches."""
     nll_sum = weight = 0.0
     for batch in pipeline.eval_batches(config, "val"):
-        logits = torch.tensor(_torch_logits(reference, batch["inputs"]), dtype=torch.float64)
+        logits = torch.tensor(_torch_logits(model, batch["inputs"]), dtype=torch.float64)
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             torch.tensor(batch["targets"]).reshape(-1).long(),
@@ -106,9 +103,37 @@ def test_step_zero_validation_is_the_hugging_face_models_loss(finetuned, llama_d
         ).numpy()
         nll_sum += float(np.sum(nll * batch["mask"].reshape(-1)))
         weight += float(batch["mask"].sum())
+    return nll_sum / weight
+
+
+def test_step_zero_validation_is_the_hugging_face_models_loss(finetuned, llama_dir):
+    workdir, config = finetuned
+    _, reference = llama_dir
+    val = [e for e in read_metrics(workdir) if e["split"] == "val"]
+    assert [e["step"] for e in val] == [0, 2, 4]
     # f32 logits agree within ~1e-6 (tests/test_hf.py), so the mean NLL within ~1e-5.
-    assert val[0]["loss"] == pytest.approx(nll_sum / weight, rel=1e-5)
+    assert val[0]["loss"] == pytest.approx(_transformers_val_loss(reference, config), rel=1e-5)
     assert val[-1]["loss"] < val[0]["loss"]  # and fine-tuning moved it
+
+
+def test_a_lora_run_exports_merged_with_the_adapted_models_loss(llama_dir, tmp_path):
+    path, _ = llama_dir
+    config = tiny(
+        model__init_from=f"hf:{path}",
+        train__steps=3,
+        eval__every_steps=3,
+        schedule__warmup_steps=0,
+        optimizer__lr=3e-2,  # adapters start at zero: move them visibly in three steps
+        data__packing=False,
+    )
+    config.model.lora.update(rank=4, alpha=8.0, targets="all")
+    run.train_and_evaluate(config, str(tmp_path / "run"))
+    export.export_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    val = [e for e in read_metrics(str(tmp_path / "run")) if e["split"] == "val"]
+    assert val[-1]["loss"] < val[0]["loss"] - 1e-3  # the adapters changed the model
+    # The run evaluated base + adapters unmerged; transformers sees them folded into W.
+    assert val[-1]["loss"] == pytest.approx(_transformers_val_loss(merged, config), rel=1e-5)
 
 
 def test_export_writes_the_trained_weights_for_transformers(finetuned, llama_dir, tmp_path):

@@ -138,3 +138,4 @@ def test_flops_per_token_matches_the_palm_formula():
     per_layer = 2 * 32 * 4 * 8 + 2 * 32 * 2 * 8 + 3 * 32 * 64
     n = 2 * per_layer + 32 * 64
     assert cfg.flops_per_token(16) == 6 * n + 12 * 2 * 4 * 8 * 16
+    assert cfg.flops_per_token(16, weight_grads=False) == 4 * n + 12 * 2 * 4 * 8 * 16

@@ -52,6 +52,15 @@ def dense(x: jax.Array, kernel: jax.Array, *, contract: int = 1) -> jax.Array:
     return (x_2d @ kernel_2d).reshape(*lead, *out_shape)
 
 
+def project(
+    module: nnx.Module, name: str, x: jax.Array, dropout_rng: jax.Array | None
+) -> jax.Array:
+    """x times the module's kernel `name`, plus the kernel's LoRA update if one is attached."""
+    y = dense(x, getattr(module, name)[...], contract=module.KERNELS[name])
+    adapter = None if module.lora is None else module.lora.get(name)
+    return y if adapter is None else y + adapter(x, dropout_rng).astype(y.dtype)
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation)."""
     if rng is None or rate == 0.0:
@@ -179,6 +188,9 @@ def _add_bias(x: jax.Array, bias: Bias | None) -> jax.Array:
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with rotary embeddings (unless positions are learned)."""
 
+    # Projection kernels -> how many leading dims each contracts (what LoRA can adapt).
+    KERNELS = {"q_DxHxK": 1, "k_DxGxK": 1, "v_DxGxK": 1, "o_HxKxD": 2}
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         out_std = 1.0 / math.sqrt(h * k) / math.sqrt(2 * cfg.n_layers)
@@ -197,13 +209,18 @@ class Attention(nnx.Module):
         # A token attends to itself and the sliding_window - 1 tokens before it (Mistral).
         self.local_window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
         self.implementation = None if cfg.attention == "xla" else cfg.attention
+        self.lora = nnx.data(None)  # adapters: jtrain.models.lora.attach sets them
 
     def __call__(
-        self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxL: jax.Array | None
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxL: jax.Array,
+        mask_Bx1xLxL: jax.Array | None,
+        dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        q = _add_bias(dense(x_BxLxD, self.q_DxHxK[...]), self.q_bias_HxK)
-        k = _add_bias(dense(x_BxLxD, self.k_DxGxK[...]), self.k_bias_GxK)
-        v = _add_bias(dense(x_BxLxD, self.v_DxGxK[...]), self.v_bias_GxK)
+        q = _add_bias(project(self, "q_DxHxK", x_BxLxD, dropout_rng), self.q_bias_HxK)
+        k = _add_bias(project(self, "k_DxGxK", x_BxLxD, dropout_rng), self.k_bias_GxK)
+        v = _add_bias(project(self, "v_DxGxK", x_BxLxD, dropout_rng), self.v_bias_GxK)
         if self.rope:
             q = apply_rope(q, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
             k = apply_rope(k, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
@@ -218,7 +235,7 @@ class Attention(nnx.Module):
             local_window_size=self.local_window,
             implementation=self.implementation,
         )
-        return _add_bias(dense(out_BxLxHxK, self.o_HxKxD[...], contract=2), self.o_bias_D)
+        return _add_bias(project(self, "o_HxKxD", out_BxLxHxK, dropout_rng), self.o_bias_D)
 
 
 ACTIVATIONS = {
@@ -231,6 +248,8 @@ ACTIVATIONS = {
 class MLP(nnx.Module):
     """Gated feed-forward block down(act(gate(x)) * up(x)) (SwiGLU), or down(act(up(x)))."""
 
+    KERNELS = {"gate_DxF": 1, "up_DxF": 1, "down_FxD": 1}
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         out_std = f**-0.5 / math.sqrt(2 * cfg.n_layers)
@@ -242,12 +261,13 @@ class MLP(nnx.Module):
         self.up_bias_F = Bias((f,), ("mlp",)) if bias else None
         self.down_bias_D = Bias((d,), ("embed",)) if bias else None
         self.activation = ACTIVATIONS[cfg.mlp_activation]
+        self.lora = nnx.data(None)  # adapters: jtrain.models.lora.attach sets them
 
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        h_BxLxF = _add_bias(dense(x_BxLxD, self.up_DxF[...]), self.up_bias_F)
+    def __call__(self, x_BxLxD: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        h_BxLxF = _add_bias(project(self, "up_DxF", x_BxLxD, dropout_rng), self.up_bias_F)
         if self.gate_DxF is None:
             h_BxLxF = self.activation(h_BxLxF)
         else:
-            gate = _add_bias(dense(x_BxLxD, self.gate_DxF[...]), self.gate_bias_F)
+            gate = _add_bias(project(self, "gate_DxF", x_BxLxD, dropout_rng), self.gate_bias_F)
             h_BxLxF = self.activation(gate) * h_BxLxF
-        return _add_bias(dense(h_BxLxF, self.down_FxD[...]), self.down_bias_D)
+        return _add_bias(project(self, "down_FxD", h_BxLxF, dropout_rng), self.down_bias_D)

@@ -80,14 +80,18 @@ class TransformerConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
+    def flops_per_token(self, seq_len: int, *, weight_grads: bool = True) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B.
+
+        Each weight costs 2 FLOPs forward, 2 for the input gradient and 2 for its own gradient;
+        a frozen base (LoRA) skips the last, so weight_grads=False counts 4 (adapters, a few
+        per cent at most, are left out)."""
         d, h, g, k, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
         mlp_matrices = 3 if self.mlp_gated else 2
         matmul_params = self.n_layers * (2 * d * h * k + 2 * d * g * k + mlp_matrices * d * f)
         matmul_params += d * self.vocab_size  # the output projection, tied or not
         attention = 12 * self.n_layers * h * k * seq_len
-        return 6.0 * matmul_params + attention
+        return (6.0 if weight_grads else 4.0) * matmul_params + attention
 
 
 class Block(nnx.Module):
@@ -102,9 +106,9 @@ class Block(nnx.Module):
 
     def __call__(self, x_BxLxD, positions_BxL, mask, dropout_rng):
         rng_attn, rng_mlp = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-        h = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask)
+        h = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask, rng_attn)
         x_BxLxD = x_BxLxD + layers.dropout(h, self.dropout_rate, rng_attn)
-        h = self.mlp(self.mlp_norm(x_BxLxD))
+        h = self.mlp(self.mlp_norm(x_BxLxD), rng_mlp)
         return x_BxLxD + layers.dropout(h, self.dropout_rate, rng_mlp)
 
 

@@ -37,6 +37,6 @@ class Task(Protocol):
         """Sums of the loss and metrics over the batch; dropout only when dropout_rng is set."""
         ...
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token, for the MFU estimate."""
+    def flops_per_token(self, seq_len: int, *, weight_grads: bool = True) -> float:
+        """Training FLOPs per token, for the MFU estimate (weight_grads=False: frozen base)."""
         ...

@@ -47,5 +47,5 @@ class LMTask:
             sums={"accuracy": jnp.sum(correct * mask)},
         )
 
-    def flops_per_token(self, seq_len: int) -> float:
-        return self.model_cfg.flops_per_token(seq_len)
+    def flops_per_token(self, seq_len: int, *, weight_grads: bool = True) -> float:
+        return self.model_cfg.flops_per_token(seq_len, weight_grads=weight_grads)
