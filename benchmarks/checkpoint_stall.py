@@ -4,7 +4,7 @@ One model (the config's), one optimizer, one fixed batch, one device, one proces
 training loop of jtrain/run.py is replayed in two modes on the same train state:
 
 - never: dispatch `exp.train_step`, then read the previous step's `nonfinite` flag (as the
-  loop's `_after_step` does), and nothing else.
+  loop's `finish_step` does), and nothing else.
 - save: the same, and every `--every` steps also read the current step's flag and call
   `Checkpoints(tmpdir, config.checkpoint).save(state, data_state=..., config=..., ...)` as
   the loop does: async, with a small data-state dict, the config dict and no metrics (the
@@ -19,8 +19,10 @@ work counts against the round it was started in instead of being left to the nex
 fall on the round's steps 1, 1 + every, ..., so with `--every N > 1` each save's background
 write overlaps the N - 1 steps after it, as in a run. The report gives median per-step
 times, the ratio save/never (target <= 1.10 with saving every step), where the saving time
-goes (Orbax's own duration events), the checkpoints left on disk, and the throughput of one
-blocking save (save + wait) and of `restore_latest`.
+goes (Orbax's own duration events), the process CPU time each save adds (less sensitive to
+load from other processes than wall time: on few cores, a save's background CPU work is
+what slows the steps), the checkpoints left on disk, and the throughput and CPU time of one
+blocking save (save + wait, no training alongside) and of `restore_latest`.
 
 Run from the repository root (no install needed):
 
@@ -52,7 +54,7 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 import jtrain.config  # noqa: E402
-from jtrain.checkpoint import Checkpoints, all_finite  # noqa: E402
+from jtrain.checkpoint import Checkpoints  # noqa: E402
 from jtrain.data import pipeline  # noqa: E402
 from jtrain.experiment import Experiment  # noqa: E402
 
@@ -72,6 +74,10 @@ BACKGROUND_EVENTS = {  # in Orbax's threads, overlapping the next steps
     "  ocdbt merge": "/jax/orbax/write/background_ocdbt_merge_secs",
     "  removing old steps": "/jax/checkpoint/write/remove_steps_duration_secs",
 }
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,10 +128,10 @@ class Loop:
         self.batch = self.exp.global_batch(next(iter(pipeline.make_train_iterator(config))))
         self.save_call_s: list[float] = []  # time in Checkpoints.save, per call
         self.wait_s: list[float] = []  # time in the round-ending Checkpoints.wait, per round
+        self.cpu_s: list[float] = []  # process CPU seconds per step, per round
         self.batches = 0  # batches consumed, for the data state (reading state.step would block)
 
     def save(self, ckpts: Checkpoints, started: float) -> None:
-        # `started` is on time.time()'s clock: Checkpoints.save subtracts it from time.time().
         start = time.perf_counter()
         data_state = {"epoch": 0, "next_batch": self.batches}
         ckpts.save(self.state, data_state=data_state, config=self.config_dict, started=started)
@@ -133,7 +139,7 @@ class Loop:
 
     def run(self, steps: int, every: int | None, ckpts: Checkpoints | None) -> None:
         """`steps` steps, saving on steps 1, 1 + every, ... when `ckpts` is given."""
-        started = time.time()
+        started, cpu = time.perf_counter(), time.process_time()
         previous = None  # the last step's metrics, read once the next step is dispatched
         for i in range(steps):
             self.state, step_metrics = self.exp.train_step(self.state, self.batch)
@@ -152,6 +158,7 @@ class Loop:
             start = time.perf_counter()
             ckpts.wait()
             self.wait_s.append(time.perf_counter() - start)
+        self.cpu_s.append((time.process_time() - cpu) / steps)
 
 
 def committed_steps(directory: str) -> int:
@@ -159,12 +166,12 @@ def committed_steps(directory: str) -> int:
     return sum(name.isdigit() for name in os.listdir(directory)) if os.path.isdir(directory) else 0
 
 
-def timed_round(loop: Loop, steps: int, every: int | None, counts: list[int]) -> float:
-    """Seconds per step of one round; a saving round uses and removes a fresh directory."""
+def timed_round(loop: Loop, steps: int, every: int | None, counts: list[int]):
+    """(wall, process CPU) seconds per step of one round; saving uses a fresh directory."""
     if every is None:
         start = time.perf_counter()
         loop.run(steps, None, None)
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / steps, loop.cpu_s[-1]
     workdir = tempfile.mkdtemp(prefix="jtrain_ckpt_stall_")
     try:
         ckpts = Checkpoints(workdir, loop.config.checkpoint)
@@ -175,17 +182,20 @@ def timed_round(loop: Loop, steps: int, every: int | None, counts: list[int]) ->
         ckpts.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return seconds / steps
+    return seconds / steps, loop.cpu_s[-1]
 
 
 def interleaved_times(loop: Loop, every: int, rounds: int, steps: int, counts: list[int]):
-    """{'never': [...], 'save': [...]} per-step seconds, alternating A B, B A, ..."""
+    """({'never': [...], 'save': [...]} per-step seconds, the same in CPU seconds), A B, B A, ..."""
     modes = [("never", None), ("save", every)]
     times: dict[str, list[float]] = {name: [] for name, _ in modes}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in modes}
     for r in range(rounds):
         for name, mode in modes if r % 2 == 0 else reversed(modes):
-            times[name].append(timed_round(loop, steps, mode, counts))
-    return times
+            wall, cpu_s = timed_round(loop, steps, mode, counts)
+            times[name].append(wall)
+            cpu[name].append(cpu_s)
+    return times, cpu
 
 
 def state_bytes(state) -> int:
@@ -198,19 +208,20 @@ def state_bytes(state) -> int:
     return total
 
 
-def io_throughput(loop: Loop, repeats: int) -> tuple[list[float], list[float], float]:
-    """(blocking save seconds, restore seconds, max |restored - saved|) over `repeats` tries."""
-    save_s, restore_s, diff = [], [], 0.0
+def io_throughput(loop: Loop, repeats: int):
+    """Blocking save seconds and CPU seconds, restore seconds, max |restored - saved|."""
+    save_s, save_cpu_s, restore_s, diff = [], [], [], 0.0
     jax.block_until_ready(loop.state)
     abstract = loop.exp.abstract_sharded_state()
     for _ in range(repeats):
         workdir = tempfile.mkdtemp(prefix="jtrain_ckpt_io_")
         try:
             ckpts = Checkpoints(workdir, loop.config.checkpoint)
-            start = time.perf_counter()
-            loop.save(ckpts, time.time())
+            start, cpu = time.perf_counter(), time.process_time()
+            loop.save(ckpts, time.perf_counter())
             ckpts.wait()
             save_s.append(time.perf_counter() - start)
+            save_cpu_s.append(time.process_time() - cpu)
             start = time.perf_counter()
             restored, _, step = ckpts.restore_latest(abstract)
             jax.block_until_ready(restored)
@@ -226,24 +237,10 @@ def io_throughput(loop: Loop, repeats: int) -> tuple[list[float], list[float], f
             ckpts.close()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-    return save_s, restore_s, diff
+    return save_s, save_cpu_s, restore_s, diff
 
 
-def blocking_checks_ms(loop: Loop, repeats: int = 5) -> tuple[float, float]:
-    """Median ms of Checkpoints.save's own blocking reads: the step and all_finite(state)."""
-    jax.block_until_ready(loop.state)
-    step_s, finite_s = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        int(jax.device_get(loop.state.step))
-        step_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        bool(all_finite(loop.state))
-        finite_s.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(step_s), 1e3 * statistics.median(finite_s)
-
-
-def report_mode(every: int, times: dict[str, list[float]], loop: Loop, events, saves: int):
+def report_mode(every: int, times, cpu, loop: Loop, events, saves: int):
     """Prints one N's timing table, where the saving time went, and its RATIO line."""
     print(f"\n{'':<8}{'ms/step median':>16}{'ms/step min':>14}  per round (ms)")
     for name, ts in times.items():
@@ -256,7 +253,7 @@ def report_mode(every: int, times: dict[str, list[float]], loop: Loop, events, s
     orbax_ms = 1e3 * events[BLOCKING_EVENTS["all blocking Orbax work"]] / saves
     print(f"per save (ms)    : {extra_ms:7.1f} extra loop time (median step difference x {every})")
     print(f"                   {call_ms:7.1f} in Checkpoints.save (blocking), of which")
-    print(f"                   {call_ms - orbax_ms:7.1f}   jtrain's device_get(step), all_finite")
+    print(f"                   {call_ms - orbax_ms:7.1f}   jtrain's step read, pack, finite check")
     for label, event in BLOCKING_EVENTS.items():
         print(f"                   {1e3 * events[event] / saves:7.1f}   {label}")
     print(f"                   {wait_ms:7.1f} in the round-ending Checkpoints.wait")
@@ -264,6 +261,11 @@ def report_mode(every: int, times: dict[str, list[float]], loop: Loop, events, s
     print(f"                   {rest:7.1f} rest: steps slowed while Orbax works in the background")
     for label, event in BACKGROUND_EVENTS.items():
         print(f"  background     : {1e3 * events[event] / saves:7.1f}   {label}")
+    cpu_never, cpu_save = statistics.median(cpu["never"]), statistics.median(cpu["save"])
+    print(
+        f"process CPU      : {1e3 * cpu_never:.1f} ms/step never, {1e3 * cpu_save:.1f} ms/step save"
+        " (medians; XLA's threads make this noisy: see the blocking save's CPU below)"
+    )
     ratio = save / never
     print(f"min-based ratio save/never = {min(times['save']) / min(times['never']):.3f}")
     verdict = "" if ratio <= TARGET else "  FAIL"
@@ -288,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train state      : {nbytes:,} bytes ({nbytes / 1e6:.2f} MB)")
     ck = config.checkpoint
     print(f"checkpoint       : keep={ck.keep} keep_best={ck.keep_best}, async, temp dirs")
+    print(f"machine          : {os.cpu_count()} CPUs, load average {_load()} at the start")
 
     start = time.perf_counter()
     loop.run(1, None, None)  # compiles the step
@@ -295,13 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="jtrain_ckpt_warm_")
     try:
         ckpts = Checkpoints(workdir, config.checkpoint)
-        loop.run(args.warmup, 1, ckpts)  # compiles all_finite, warms Orbax's code paths
+        loop.run(args.warmup, 1, ckpts)  # compiles the packing, warms Orbax's code paths
         ckpts.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     loop.run(args.warmup, None, None)
-    step_ms, finite_ms = blocking_checks_ms(loop)
-    print(f"blocking checks  : device_get(step) {step_ms:.2f} ms, all_finite {finite_ms:.2f} ms")
 
     summary = []
     for every in args.every:
@@ -309,21 +310,23 @@ def main(argv: list[str] | None = None) -> int:
         loop.save_call_s, loop.wait_s, counts = [], [], []
         events.totals.clear()
         events.active = True
-        times = interleaved_times(loop, every, args.rounds, steps, counts)
+        times, cpu = interleaved_times(loop, every, args.rounds, steps, counts)
         events.active = False
         saves = len(loop.save_call_s)
         print(f"\n== save every {every} step(s): {args.rounds} rounds x {steps} steps per mode")
-        summary.append((every, *report_mode(every, times, loop, events.totals, saves)))
+        summary.append((every, *report_mode(every, times, cpu, loop, events.totals, saves)))
         expected = ck.keep + int(ck.keep_best)
         per_round = math.ceil(steps / every)
         left = sorted(set(counts))
         verdict = "OK" if max(counts) <= expected else f"UNEXPECTED (> keep + best = {expected})"
         print(f"checkpoints left : {left} on disk after rounds of {per_round} saves  {verdict}")
 
-    save_s, restore_s, diff = io_throughput(loop, args.io_repeats)
+    save_s, save_cpu_s, restore_s, diff = io_throughput(loop, args.io_repeats)
     save_med, restore_med = statistics.median(save_s), statistics.median(restore_s)
+    save_cpu_ms = 1e3 * statistics.median(save_cpu_s)
     print(f"\n== throughput ({args.io_repeats} tries, median; state {nbytes / 1e6:.2f} MB)")
     print(f"blocking save    : {1e3 * save_med:.1f} ms = {nbytes / 1e6 / save_med:.1f} MB/s")
+    print(f"                   {save_cpu_ms:.1f} ms of process CPU (save + wait, no training)")
     print(f"restore_latest   : {1e3 * restore_med:.1f} ms = {nbytes / 1e6 / restore_med:.1f} MB/s")
     print(f"restored params  : max |restored - saved| = {diff:g}")
 
@@ -331,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     for every, ratio, _, _ in summary:
         verdict = "" if ratio <= TARGET else "  FAIL"
         print(f"RATIO save every {every:>3} / never = {ratio:.3f} (target <= {TARGET}){verdict}")
+    never_ms = statistics.median(t for every, *_, t in summary)
+    print(f"CPU per save     : {save_cpu_ms:.1f} ms (save + wait, no training) = ", end="")
+    print(
+        f"{save_cpu_ms / never_ms:.1%} of a {never_ms:.0f} ms step (the floor of the every-1 cost)"
+    )
+    print(f"load average     : {_load()} at the end (other processes slow both modes alike)")
     # Larger N from the largest measured one (whose saves, like theirs, never wait on another).
     every, _, extra_ms, never_ms = max(summary)
     for n in (10, 100, 1000):

@@ -251,3 +251,119 @@ def test_init_from_loads_parameters_only(trained, tmp_path):
     results = run.train_and_evaluate(tiny(model__init_from=trained, **short), str(tmp_path))
     fresh = run.train_and_evaluate(tiny(**short), str(tmp_path / "fresh"))
     assert results["val"]["loss"] < fresh["val"]["loss"] - 0.3  # it starts from trained weights
+
+
+def test_keys_added_to_jtrain_after_a_run_do_not_refuse_its_workdir():
+    saved = {"seed": 0, "model": {"d_ff": 128}, "optimizer": {"name": "adamw"}}
+    current = {"seed": 0, "model": {"d_ff": 128, "lora": {"rank": 0}, "norm": "rms"}}
+    current["optimizer"] = {"name": "adamw"}
+    assert checkpoint.config_differences(saved, current) == []
+    current["model"]["d_ff"] = 256
+    assert checkpoint.config_differences(saved, current) == ["model.d_ff: 128 -> 256"]
+
+
+def _tiny_state():
+    exp = Experiment.from_config(tiny())
+    return exp, exp.init_state()
+
+
+def _save(ckpts, state, step, loss=None):
+    state = state.replace(step=jnp.asarray(step, state.step.dtype))
+    metrics = {"loss": loss} if loss is not None else None
+    saved = ckpts.save(state, data_state={"next": step}, config={}, metrics=metrics, started=0.0)
+    ckpts.wait()
+    return saved
+
+
+def test_retention_keeps_the_latest_n_plus_the_best(tmp_path):
+    _, state = _tiny_state()
+    ckpts = checkpoint.Checkpoints(tmp_path, _ckpt_cfg())  # keep=3, keep_best
+    for step in range(1, 9):
+        _save(ckpts, state, step, loss={2: 1.0, 4: 3.0}.get(step))
+    assert ckpts.steps() == [2, 6, 7, 8]
+    ckpts.close()
+    on_disk = sorted(int(n) for n in os.listdir(ckpts.directory) if n.isdigit())
+    assert on_disk == [2, 6, 7, 8]
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    _, state = _tiny_state()
+    leaves, treedef = jax.tree.flatten(state.params)
+    poisoned = state.replace(params=jax.tree.unflatten(treedef, [leaves[0] * jnp.nan, *leaves[1:]]))
+    ckpts = checkpoint.Checkpoints(tmp_path, _ckpt_cfg())
+    assert not _save(ckpts, poisoned, 3)
+    assert _save(ckpts, state, 4)
+    assert ckpts.steps() == [4]
+
+
+def test_a_fresh_process_restores_every_leaf_and_the_data_position(tmp_path):
+    exp, state = _tiny_state()
+    state = state.replace(skipped=jnp.asarray(2, state.skipped.dtype))
+    ckpts = checkpoint.Checkpoints(tmp_path, _ckpt_cfg())
+    _save(ckpts, state, 5)
+    ckpts.close()
+    script = (
+        "import sys, numpy as np, jax\n"
+        "from jtrain import checkpoint, config\n"
+        "from jtrain.experiment import Experiment\n"
+        "cfg = config.load('configs/tiny.py')\n"
+        "exp = Experiment.from_config(cfg)\n"
+        "ckpts = checkpoint.Checkpoints(sys.argv[1], cfg.checkpoint)\n"
+        "state, data, step = ckpts.restore_latest(exp.abstract_sharded_state())\n"
+        "state = state.replace(rng=jax.random.key_data(state.rng))\n"
+        "np.savez(sys.argv[2], data=data['next'], step=step,"
+        " **{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))})\n"
+    )
+    out = os.path.join(tmp_path, "restored.npz")
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), out], cwd=REPO, env=env, check=True
+    )
+    restored = np.load(out)
+    assert int(restored["data"]) == 5 and int(restored["step"]) == 5
+    expected = jax.tree.leaves(state.replace(step=5, rng=jax.random.key_data(state.rng)))
+    for i, leaf in enumerate(expected):
+        np.testing.assert_array_equal(restored[str(i)], np.asarray(leaf))
+
+
+def test_damaged_step_metadata_falls_back_to_the_previous_checkpoint(tmp_path):
+    exp, state = _tiny_state()
+    ckpts = checkpoint.Checkpoints(tmp_path, _ckpt_cfg())
+    _save(ckpts, state, 1)
+    _save(ckpts, state, 2)
+    ckpts.close()
+    # The layout and data position live in the step's metadata file: lose half of it.
+    meta = os.path.join(ckpts.directory, "2", "_CHECKPOINT_METADATA")
+    with open(meta, "r+b") as f:
+        f.truncate(os.path.getsize(meta) // 2)
+    _, data, step = checkpoint.Checkpoints(tmp_path, _ckpt_cfg()).restore_latest(
+        exp.abstract_sharded_state()
+    )
+    assert (step, data) == (1, {"next": 1})
+
+
+def test_checkpoints_written_before_packing_still_restore(tmp_path):
+    """The earlier layout: the state leaf by leaf, and data, config and meta as JSON items."""
+    import orbax.checkpoint as ocp
+
+    exp, state = _tiny_state()
+    handlers = {"state": ocp.StandardCheckpointHandler()}
+    handlers |= {name: ocp.JsonCheckpointHandler() for name in ("data", "config", "meta")}
+    manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"), item_handlers=handlers)
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave({"next": 7}),
+        config=ocp.args.JsonSave({}),
+        meta=ocp.args.JsonSave({"step": 0}),
+    )
+    manager.save(0, args=args)
+    manager.close()
+    restored, data, step = checkpoint.Checkpoints(tmp_path, _ckpt_cfg()).restore_latest(
+        exp.abstract_sharded_state()
+    )
+    assert (step, data) == (0, {"next": 7})
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    params = checkpoint.load_params(str(tmp_path), exp.abstract_sharded_state().params)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
