@@ -5,20 +5,15 @@ Saves are asynchronous (the device-to-host copy is the only blocking part) and a
 moment leaves the previous checkpoints intact. Restoring walks back from the newest
 checkpoint to the newest one that reads completely, so a damaged file costs one interval.
 
-Orbax's cost per save grows with the number of arrays (about 2 ms of CPU each, against
-5 ms for all 10 MB of the default model's data), so the state is saved packed: one flat
-array per group (the parameters, everything else) and dtype, sharded over every device,
-with a layout (name, shape, dtype, offset of each leaf) in the step's metadata. Restoring
-reads the flat arrays onto the target mesh and cuts them back into the target shardings,
-so a checkpoint restores onto any mesh. The data position, config and run metadata ride
-in the same step metadata file, which Orbax writes before the commit rename anyway.
+The state is saved packed into a few flat arrays (jtrain.packed_state: Orbax's cost grows
+with the number of arrays) and restores onto any mesh. The data position, config and run
+metadata ride in the step's metadata file, which Orbax writes before the commit rename.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -26,12 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jtrain import packed_state
 from jtrain.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -39,7 +33,6 @@ log = logging.getLogger(__name__)
 # Keys whose change makes an existing checkpoint belong to a different run. Mesh, eval,
 # logging and train.steps may change on resume (resharding, extending a run).
 IDENTITY_KEYS = ("seed", "task", "model", "data", "optimizer.name", "train.batch_size")
-PACKED = "arrays"  # the packed state's item; checkpoints from before packing hold "state"
 
 
 class CheckpointError(RuntimeError):
@@ -78,31 +71,12 @@ def config_differences(saved: Mapping, current: Mapping) -> list[str]:
     return diffs
 
 
-def _path_name(path) -> str:
-    """'params/blocks/attn/q_DxHxK' from a pytree path of a state or of Orbax metadata."""
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return "/".join(n for n in names if n != "value")  # nnx's Param wraps arrays in .value
-
-
 def shape_mismatches(saved_tree, expected_tree) -> list[str]:
     """Parameters whose shape or presence differs between a checkpoint and the model."""
 
-    return _shape_problems(_shapes(saved_tree), _shapes(expected_tree))
-
-
-def _shapes(tree) -> dict[str, tuple]:
-    return {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _shape_problems(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
-    problems = [
-        f"{name}: checkpoint {saved[name]} vs config {expected[name]}"
-        for name in sorted(saved.keys() & expected.keys())
-        if saved[name] != expected[name]
-    ]
-    problems += [f"{name}: missing from the checkpoint" for name in sorted(expected - saved.keys())]
-    problems += [f"{name}: not in the model" for name in sorted(saved.keys() - expected.keys())]
-    return problems
+    return packed_state.shape_problems(
+        packed_state.shapes(saved_tree), packed_state.shapes(expected_tree)
+    )
 
 
 @jax.jit
@@ -110,110 +84,6 @@ def all_finite(tree) -> jax.Array:
     """True when every float in the tree is finite."""
     leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, np.floating)]
     return jax.numpy.all(jax.numpy.array([jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves]))
-
-
-def _is_key(x) -> bool:
-    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _flat_sharding(shardings) -> tuple[jax.sharding.Sharding, int]:
-    """A 1-D array split over every device of the state's mesh, and that device count."""
-    for s in shardings:
-        if isinstance(s, NamedSharding):
-            return NamedSharding(s.mesh, PartitionSpec(tuple(s.mesh.axis_names))), s.mesh.size
-    return shardings[0], 1
-
-
-def _layout(state) -> dict:
-    """Where each leaf of `state` lies in the packed arrays: {"leaves": [...], "sizes": {...}}."""
-    leaves, sizes = [], {}
-    for path, x in jax.tree_util.tree_leaves_with_path(state):
-        name = _path_name(path)
-        data = jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x
-        group = f"{'params' if name.startswith('params/') else 'rest'}/{data.dtype.name}"
-        size = math.prod(data.shape)
-        entry = {"name": name, "shape": list(x.shape), "dtype": str(x.dtype), "group": group}
-        entry |= {"offset": sizes.get(group, 0), "size": size}
-        if _is_key(x):
-            entry["impl"] = str(jax.random.key_impl(x))
-        leaves.append(entry)
-        sizes[group] = sizes.get(group, 0) + size
-    return {"leaves": leaves, "sizes": sizes}
-
-
-def _padded(size: int, devices: int) -> int:
-    return -(-size // devices) * devices
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{"params/float32": x} -> {"params": {"float32": x}}: Orbax joins nested keys itself."""
-    out: dict[str, dict[str, Any]] = {}
-    for group, x in flat.items():
-        section, dtype = group.split("/")
-        out.setdefault(section, {})[dtype] = x
-    return out
-
-
-def _packer(layout: dict, shardings):
-    """A jitted state -> ({group: flat array}, all finite), in one dispatch."""
-    flat_sharding, devices = _flat_sharding(shardings)
-    groups = list(layout["sizes"])
-
-    def pack(state):
-        parts: dict[str, list] = {g: [] for g in groups}
-        finite = []
-        for entry, x in zip(layout["leaves"], jax.tree.leaves(state), strict=True):
-            if _is_key(x):
-                x = jax.random.key_data(x)
-            elif jnp.issubdtype(x.dtype, jnp.floating):
-                finite.append(jnp.all(jnp.isfinite(x)))
-            parts[entry["group"]].append(x.ravel())
-        for g, size in layout["sizes"].items():
-            parts[g].append(jnp.zeros(_padded(size, devices) - size, parts[g][0].dtype))
-        packed = {g: jnp.concatenate(xs) for g, xs in parts.items()}
-        return packed, jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
-
-    return jax.jit(pack, out_shardings=({g: flat_sharding for g in groups}, None))
-
-
-# Compiled once per process and state structure, so a new Checkpoints compiles nothing.
-_PACKERS: dict = {}
-_UNPACKERS: dict = {}
-
-
-def _cached_packer(state):
-    """(layout, jitted pack) for states shaped and sharded like `state`, built once."""
-    leaves, treedef = jax.tree.flatten(state)
-    key = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
-    if key not in _PACKERS:
-        if len(_PACKERS) >= 8:  # tests build many small models; a run builds one
-            _PACKERS.clear()
-        layout = _layout(state)
-        _PACKERS[key] = layout, _packer(layout, [x.sharding for x in leaves])
-    return _PACKERS[key]
-
-
-def _unpack(packed: dict, entries: list[dict], abstract_leaves: list):
-    """The leaves `entries` describe, cut from `packed` into the abstract leaves' shardings."""
-    shardings = tuple(a.sharding for a in abstract_leaves)
-    key = (json.dumps(entries), tuple((a.shape, a.dtype) for a in abstract_leaves), shardings)
-    if key not in _UNPACKERS:
-
-        def unpack(packed):
-            out = []
-            for entry, a in zip(entries, abstract_leaves, strict=True):
-                x = packed[entry["group"]][entry["offset"] : entry["offset"] + entry["size"]]
-                if "impl" in entry:
-                    x = jax.random.wrap_key_data(x.reshape(*a.shape, -1), impl=entry["impl"])
-                else:
-                    x = x.reshape(a.shape).astype(a.dtype)
-                out.append(x)
-            return out
-
-        if len(_UNPACKERS) >= 8:
-            _UNPACKERS.clear()
-        _UNPACKERS[key] = jax.jit(unpack, out_shardings=list(shardings))
-    return _UNPACKERS[key](packed)
 
 
 def _item_handlers() -> dict:
@@ -241,39 +111,6 @@ def _saved_layout(manager: ocp.CheckpointManager, step: int) -> dict | None:
     if os.path.isdir(os.path.join(str(manager.directory), str(step), "data")):
         return None  # before packing, the data position was an item of its own
     raise ValueError(f"the metadata of step {step} (its layout and data position) is unreadable")
-
-
-def _layout_problems(layout: dict, abstract_tree, prefix: str) -> list[str]:
-    """Shape differences between a packed checkpoint and `abstract_tree`, parameters first."""
-    saved = {e["name"]: tuple(e["shape"]) for e in layout["leaves"] if e["name"].startswith(prefix)}
-    expected = {prefix + name: shape for name, shape in _shapes(abstract_tree).items()}
-
-    def params(shapes):
-        return {k: v for k, v in shapes.items() if k.startswith("params/")}
-
-    return _shape_problems(params(saved), params(expected)) or _shape_problems(saved, expected)
-
-
-def _restore_packed(manager, step: int, layout: dict, abstract_tree, prefix: str = ""):
-    """The leaves of `abstract_tree` (named `prefix` + path) from a packed checkpoint."""
-    by_name = {e["name"]: e for e in layout["leaves"]}
-    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_tree)
-    entries = [by_name[prefix + _path_name(p)] for p, _ in paths]
-    abstract_leaves = [a for _, a in paths]
-    sharding, devices = _flat_sharding([a.sharding for a in abstract_leaves])
-    items, args = {}, {}
-    for group in sorted({e["group"] for e in entries}):
-        shape = (_padded(layout["sizes"][group], devices),)
-        dtype = jnp.dtype(group.split("/")[1])
-        items[group] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        # strict=False: another device count pads the flat array to another length.
-        args[group] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, strict=False)
-    restore = ocp.args.PyTreeRestore(
-        item=_nest(items), restore_args=_nest(args), partial_restore=True
-    )
-    restored = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
-    packed = {f"{s}/{d}": x for s, xs in restored.items() for d, x in xs.items()}
-    return jax.tree.unflatten(treedef, _unpack(packed, entries, abstract_leaves))
 
 
 class Checkpoints:
@@ -321,7 +158,7 @@ class Checkpoints:
     ) -> bool:
         """Starts an async save of `state` at its step; refuses non-finite values."""
         step = int(jax.device_get(state.step))
-        layout, pack = _cached_packer(state)
+        layout, pack = packed_state.packer_for(state)
         packed, finite = pack(state)  # copies the state, so the next step may donate it
         if not bool(finite):
             log.error("not saving step %d: the state holds non-finite values", step)
@@ -334,7 +171,7 @@ class Checkpoints:
             "jtrain_version": _jtrain_version(),
         }
         custom = {"data": data_state, "config": dict(config), "meta": meta, "layout": layout}
-        args = ocp.args.Composite(state=ocp.args.PyTreeSave(_nest(packed)))
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(packed_state.nest(packed)))
         best = {self.best_metric: metrics[self.best_metric]} if metrics else None
         return self.manager.save(step, args=args, metrics=best, force=True, custom_metadata=custom)
 
@@ -362,7 +199,9 @@ class Checkpoints:
                 if custom is None:
                     state, data_state = self._restore_legacy(step, abstract_state)
                 else:
-                    state = _restore_packed(self.manager, step, custom["layout"], abstract_state)
+                    state = packed_state.restore(
+                        self.manager, step, custom["layout"], abstract_state
+                    )
                     data_state = custom["data"]
             except CheckpointError:
                 raise
@@ -398,7 +237,7 @@ class Checkpoints:
 
     def _check_shapes(self, step: int, custom: dict | None, abstract_state: TrainState) -> None:
         if custom is not None:
-            problems = _layout_problems(custom["layout"], abstract_state, "")
+            problems = packed_state.layout_problems(custom["layout"], abstract_state, "")
         else:
             try:
                 saved = self.manager.item_metadata(step)["state"]
@@ -472,7 +311,7 @@ def load_params(path: str, abstract_params, *, step: int | None = None):
     except ValueError as err:
         raise CheckpointError(f"model.init_from={path!r}: {err}") from None
     if custom is not None:
-        problems = _layout_problems(custom["layout"], abstract_params, "params/")
+        problems = packed_state.layout_problems(custom["layout"], abstract_params, "params/")
     else:
         problems = shape_mismatches(manager.item_metadata(step)["state"]["params"], abstract_params)
     if problems:
@@ -482,7 +321,7 @@ def load_params(path: str, abstract_params, *, step: int | None = None):
         )
     try:
         if custom is not None:
-            return _restore_packed(manager, step, custom["layout"], abstract_params, "params/")
+            return packed_state.restore(manager, step, custom["layout"], abstract_params, "params/")
         restore_args = jax.tree.map(
             lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params
         )
