@@ -74,7 +74,7 @@ def train_step(
 
     weight = jnp.maximum(out.weight, 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    loss, grad_norm = out.loss_sum / weight, optax.global_norm(grads)
+    loss, grad_norm = out.loss_sum / weight, optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient must not reach the weights: keep the old params and

@@ -30,13 +30,13 @@ def param(
         value = stddev * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
     # eager_sharding=False: shardings are derived later from these names and config rules,
     # so creating a module never needs a mesh (notebooks, eval_shape, tests).
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def zeros(shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
     """A float32 parameter of zeros (biases) tagged with logical axis names."""
     value = jnp.zeros(shape, jnp.float32)
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def dense(x: jax.Array, kernel: jax.Array, *, contract: int = 1) -> jax.Array:
