@@ -60,28 +60,7 @@ class Experiment:
         _check_batch_divides(config, mesh_lib.batch_shards(mesh, rules))
         task = tasks.get(config) if task is None else task
         tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, config.train.steps)
-        lora_cfg = lora.LoRAConfig.from_config(config.model)
-        trainable = lora_cfg.trainable
-
-        def make_model(rngs: nnx.Rngs, base: nnx.State | None = None) -> nnx.Module:
-            model = task.make_model(rngs)
-            if base is not None:  # pre-trained weights, before adapters and quantization
-                nnx.update(model, base)
-            return lora.attach(model, lora_cfg, rngs)
-
-        def init_fn(rng: jax.Array, base: nnx.State | None = None) -> TrainState:
-            params_rng, dropout_rng = jax.random.split(rng)
-            model = make_model(nnx.Rngs(params=params_rng), base)
-            params = nnx.state(model, trainable)
-            return TrainState(
-                params=params,
-                opt_state=tx.init(params),
-                step=jnp.zeros((), jnp.int32),
-                rng=dropout_rng,
-                skipped=jnp.zeros((), jnp.int32),
-                frozen=nnx.state(model, nnx.Not(trainable)),
-            )
-
+        make_model, init_fn = _initializers(task, tx, lora.LoRAConfig.from_config(config.model))
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))))
         abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
         state_shardings = mesh_lib.tree_shardings(abstract_state, mesh, rules)
@@ -172,6 +151,32 @@ class Experiment:
     def frozen_count(self) -> int:
         """Number of frozen values (a LoRA run's base; int8 scales included)."""
         return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(self.abstract_state.frozen))
+
+
+def _initializers(task: tasks.Task, tx: optax.GradientTransformation, lora_cfg: lora.LoRAConfig):
+    """(make_model, init_fn): the model (pre-trained base, then adapters) and its TrainState."""
+    trainable = lora_cfg.trainable
+
+    def make_model(rngs: nnx.Rngs, base: nnx.State | None = None) -> nnx.Module:
+        model = task.make_model(rngs)
+        if base is not None:  # pre-trained weights, before adapters and quantization
+            nnx.update(model, base)
+        return lora.attach(model, lora_cfg, rngs)
+
+    def init_fn(rng: jax.Array, base: nnx.State | None = None) -> TrainState:
+        params_rng, dropout_rng = jax.random.split(rng)
+        model = make_model(nnx.Rngs(params=params_rng), base)
+        params = nnx.state(model, trainable)
+        return TrainState(
+            params=params,
+            opt_state=tx.init(params),
+            step=jnp.zeros((), jnp.int32),
+            rng=dropout_rng,
+            skipped=jnp.zeros((), jnp.int32),
+            frozen=nnx.state(model, nnx.Not(trainable)),
+        )
+
+    return make_model, init_fn
 
 
 def _with_shardings(abstract_tree, shardings):
