@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jtrain import mesh as mesh_lib
-from jtrain import optim, step, tasks
+from jtrain import optim, pretrained, step, tasks
 from jtrain.config import ConfigError
 from jtrain.models import lora
 from jtrain.state import TrainState
@@ -119,6 +119,15 @@ class Experiment:
 
         init = jax.jit(frozen, out_shardings=self.state_shardings.frozen, donate_argnames="base")
         return init(jax.random.key(seed), base)
+
+    def rebuild_frozen(self):
+        """The frozen part of the state as the run first built it, for a resume or an export:
+        from model.init_from (only read for a LoRA run, whose checkpoints lack the base), else
+        from the seed."""
+        init_from = self.config.model.init_from
+        if not (init_from and self.has_frozen()):
+            return self.init_frozen()
+        return self.init_frozen(base=pretrained.load(init_from, self.abstract_base))
 
     def has_frozen(self) -> bool:
         """True when part of the model is frozen (LoRA), so checkpoints do not hold all of it."""

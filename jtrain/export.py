@@ -20,7 +20,7 @@ import ml_collections
 from absl import app, flags, logging
 from flax import nnx
 
-from jtrain import checkpoint, pretrained
+from jtrain import checkpoint
 from jtrain.experiment import Experiment
 from jtrain.interop import hf
 from jtrain.models import lora
@@ -73,9 +73,7 @@ def trained_model(workdir: str, *, step: int | None = None) -> nnx.Module:
     params = checkpoint.load_params(workdir, exp.abstract_sharded_state().params, step=step)
     if not exp.has_frozen():
         return nnx.merge(exp.graphdef, params)
-    init_from = config.model.init_from
-    base = pretrained.load(init_from, exp.abstract_base) if init_from else None
-    return lora.merge(nnx.merge(exp.graphdef, params, exp.init_frozen(base=base)))
+    return lora.merge(nnx.merge(exp.graphdef, params, exp.rebuild_frozen()))
 
 
 def export_hf(

@@ -112,19 +112,15 @@ def _initial_state(
     the run first built it: from model.init_from, or else from the seed.
     """
     init_from = config.model.init_from
-
-    def base():
-        return pretrained.load(init_from, exp.abstract_base) if init_from else None
-
     restored = ckpts.restore_latest(exp.abstract_sharded_state().checkpointed())
     if restored is not None:
         state, data_state, step = restored
         train_iter.set_state(data_state)
-        # Only a LoRA run reads init_from again: a full run's checkpoint holds every weight.
-        frozen = exp.init_frozen(base=base() if exp.has_frozen() else None)
+        frozen = exp.rebuild_frozen()  # a LoRA run's base; empty when every weight trains
         print(f"jtrain: resumed from {ckpts.directory} at step {step}", flush=True)
         return state.replace(frozen=frozen), step
-    state = exp.init_state(base=base())
+    base = pretrained.load(init_from, exp.abstract_base) if init_from else None
+    state = exp.init_state(base=base)
     if init_from:
         print(f"jtrain: parameters initialised from {init_from}", flush=True)
     return state, 0

@@ -87,6 +87,11 @@ class _Settings:
     process_index: int
     process_count: int
 
+    @property
+    def segmented(self) -> bool:
+        """Rows built by jtrain.data.packing: packed documents, or one SFT example a row."""
+        return self.packing or self.sft
+
 
 def _data_key(config, key: str):
     return config.data.get(key, _DEFAULTS[key])
@@ -264,7 +269,7 @@ def _source_rows(s: _Settings, index: int, spec: sources.SourceSpec) -> grain.Ma
     documents = _documents(s, spec, "train")
     shuffle_seed, offset_seed = _data_seeds(s.seed, index)
     where = f"the train split of {spec}" + (f" in data.source={s.source!r}" if index else "")
-    if (s.packing or s.sft) and not (documents.lengths >= 2).any():
+    if s.segmented and not (documents.lengths >= 2).any():
         raise ValueError(f"{where} has no document with 2 or more tokens; check the data.")
     if s.packing:
         rows = packing.EpochRows(documents, s.seq_len, shuffle_seed, s.pad_id)
@@ -299,7 +304,7 @@ def train_dataset(config, *, process_index: int = 0, process_count: int = 1) -> 
     rows = row_sets[0]
     if len(row_sets) > 1:
         rows = grain.MapDataset.mix(row_sets, [spec.weight for spec in s.specs])
-    to_batch = packing.to_batch if s.packing or s.sft else _to_batch
+    to_batch = packing.to_batch if s.segmented else _to_batch
     return (
         # Local batches in global order; process p takes every process_count-th one, so
         # global batch t is local batches t * process_count + (0, 1, ...) in process order.
@@ -372,7 +377,7 @@ def eval_batches(
         raise ValueError(f"Unknown split {split!r}; allowed: {', '.join(sources.SPLITS)}.")
     steps = _eval_steps(config)
     documents = _split_documents(s, split)
-    if s.packing or s.sft:
+    if s.segmented:
         return _packed_eval_iterator(documents, s, steps)
     return _eval_iterator(documents, s, steps)
 

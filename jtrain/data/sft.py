@@ -19,12 +19,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import glob
 import gzip
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 
 from jtrain.data import chat, docstrings, sources, tokenizers
@@ -64,18 +62,8 @@ def parse_spec(spec) -> tuple[sources.SourceSpec, ...]:
 
 def example_files(spec: str, pattern: str) -> list[str]:
     """The JSONL files `pattern` matches, sorted; a ValueError for none or another kind."""
-    paths = sorted(
-        p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
-    )
-    if not paths:
-        raise ValueError(f"data.source={spec!r}: files:{pattern} matches no files; check the glob.")
-    other = [p for p in paths if not p.endswith(_SUFFIXES)]
-    if other:
-        raise ValueError(
-            f"data.source={spec!r}: {other[0]!r} is not {' or '.join(_SUFFIXES)}; SFT examples "
-            "are JSON Lines records with prompt/response or messages. Narrow the glob."
-        )
-    return paths
+    hint = "SFT examples are JSON Lines records with prompt/response or messages; narrow the glob"
+    return sources.text_files(spec, pattern, _SUFFIXES, hint)
 
 
 def validate(source: str, tokenizer: str, chat_template: str) -> tuple[sources.SourceSpec, ...]:

@@ -1,14 +1,14 @@
 """Sources: where the documents of each split come from, as text and as token ids.
 
 A named source is a function returning `{split: [document text, ...]}` for every split in
-`SPLITS`, registered by name in `_SOURCES` (the CPython docs and the standard library's source code,
-both embedded in every install).
-Splits are assigned with `split_of`, a hash of a document key alone, so they never depend on
-Python's hash seed or the input order. `data.source` names one source or a weighted mixture
-(`parse_spec`): a registered name, `prepared:DIR` (ArrayRecord shards of int32 token ids
-written by `jtrain.data.prepare`) or `files:GLOB` (.jsonl/.txt, optionally gzipped, split by
-the sha256 of each text and tokenized when first used). `load_documents` gives one split of
-one source as `Documents`: token-id documents by index, with their lengths.
+`SPLITS`, registered by name in `_SOURCES` (the CPython docs and the standard library's
+source code, both embedded in every install). Splits are assigned with `split_of`, a hash of
+a document key alone, so they never depend on Python's hash seed or the input order.
+`data.source` names one source or a weighted mixture (`parse_spec`): a registered name,
+`prepared:DIR` (ArrayRecord shards of int32 token ids written by `jtrain.data.prepare`) or
+`files:GLOB` (.jsonl/.txt, optionally gzipped, split by the sha256 of each text and
+tokenized when first used). `load_documents` gives one split of one source as `Documents`:
+token-id documents by index, with their lengths.
 """
 
 from __future__ import annotations
@@ -283,8 +283,13 @@ def _prepared_documents(path: str, split: str) -> ArrayRecordDocuments:
 _log = logging.getLogger(__name__)
 
 
-def text_files(spec: str, pattern: str) -> list[str]:
-    """The files `pattern` matches, sorted; raises a ValueError for none or an unknown kind."""
+def text_files(
+    spec: str,
+    pattern: str,
+    suffixes: tuple[str, ...] = _TEXT_SUFFIXES,
+    hint: str = "narrow the glob, or prepare other formats with `python -m jtrain.data.prepare`",
+) -> list[str]:
+    """The files `pattern` matches, sorted; raises a ValueError for none or another suffix."""
     paths = sorted(
         p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
     )
@@ -292,11 +297,10 @@ def text_files(spec: str, pattern: str) -> list[str]:
         raise ValueError(
             f"data.source={spec!r}: {FILES}{pattern} matches no files; check the glob."
         )
-    unknown = [p for p in paths if not p.endswith(_TEXT_SUFFIXES)]
+    unknown = [p for p in paths if not p.endswith(suffixes)]
     if unknown:
         raise ValueError(
-            f"data.source={spec!r}: {unknown[0]!r} is not one of {', '.join(_TEXT_SUFFIXES)}; "
-            f"narrow the glob, or prepare other formats with `python -m jtrain.data.prepare`."
+            f"data.source={spec!r}: {unknown[0]!r} is not one of {', '.join(suffixes)}; {hint}."
         )
     return paths
 
