@@ -7,6 +7,7 @@ assistant answers with the docstring, cleaned as `inspect.cleandoc` cleans it. F
 in sorted order, so the examples are the same on every run of one Python version; each goes to
 the split of a hash of its docstring, so identical docstrings (overrides that repeat their
 base's) never straddle splits. CPython 3.11 gives about 2,400 examples in about a second.
+The set registers as `python_docstrings`, records of `{"prompt": ..., "response": ...}`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import glob
 import os
 import sysconfig
 
-from jtrain.data import sources
+from jtrain.data import records
 
 _SALT = "jtrain-docstrings-v1"
 _MAX_EXAMPLES = 20_000  # a bound on load time should a future stdlib grow a lot
@@ -48,9 +49,10 @@ def _examples_of(module: str, body: list[ast.stmt], prefix: str):
 
 
 @functools.cache
-def _python_docstrings() -> dict[str, tuple[tuple[str, tuple], ...]]:
+def _python_docstrings() -> dict[str, tuple[tuple[str, str, str], ...]]:
+    """{split: ((qualified name, prompt, docstring), ...)}, in file and definition order."""
     directory = sysconfig.get_paths()["stdlib"]
-    out: dict[str, list] = {split: [] for split in sources.SPLITS}
+    out: dict[str, list] = {split: [] for split in records.SPLITS}
     count = 0
     for path in sorted(glob.glob(os.path.join(directory, "*.py"))):
         module = os.path.basename(path)[:-3]
@@ -62,20 +64,28 @@ def _python_docstrings() -> dict[str, tuple[tuple[str, tuple], ...]]:
             except SyntaxError:  # e.g. a lib2to3 fixture; not an example
                 continue
         for name, prompt, doc in _examples_of(module, tree.body, ""):
-            messages = (
-                (("role", "user"), ("content", prompt)),
-                (("role", "assistant"), ("content", doc)),
-            )
-            out[sources.split_of(f"{_SALT}:{doc}")].append((f"python_docstrings:{name}", messages))
+            out[records.split_of(f"{_SALT}:{doc}")].append((name, prompt, doc))
             count += 1
         if count >= _MAX_EXAMPLES:
             break
     return {split: tuple(examples) for split, examples in out.items()}
 
 
+@records.register("python_docstrings", holds="chat")
+def docstring_records(split: str) -> list[dict]:
+    """The `python_docstrings` record set: `{"prompt": ..., "response": docstring}` records."""
+    return [{"prompt": prompt, "response": doc} for _, prompt, doc in _python_docstrings()[split]]
+
+
 def python_docstrings() -> dict[str, list[tuple[str, list[dict[str, str]]]]]:
     """Returns {split: [(where, messages), ...]}: docstring-writing conversations."""
     return {
-        split: [(where, [dict(m) for m in messages]) for where, messages in examples]
+        split: [
+            (
+                f"python_docstrings:{name}",
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": doc}],
+            )
+            for name, prompt, doc in examples
+        ]
         for split, examples in _python_docstrings().items()
     }

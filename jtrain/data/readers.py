@@ -1,11 +1,15 @@
-"""Readers: raw documents out of JSON Lines, plain-text and Parquet files, one `Record` each.
+"""Readers: records out of JSON Lines, Parquet and plain-text files, one reader for all uses.
 
-`iter_records` expands globs, picks a format by extension (or `fmt`), undoes gzip/zstd by
-suffix and streams: JSONL and text-line files go a line at a time, Parquet a record batch at
-a time, so inputs larger than memory are fine (text-file mode holds one document). A record
-that cannot give a text is not dropped here: it comes out with `error` set to one of
-`ERRORS` and a short `reason`, so the caller can count and report it. Bytes are decoded here
-with errors="strict", because a codec's silent replacement would hide invalid UTF-8.
+`iter_file_rows` is the one file reader: it picks a format by extension (or `fmt`), undoes
+gzip/zstd by suffix and streams a `Row` per record: a JSONL line's object, a Parquet row as a
+dict of its columns, or a text file as `{text_key: contents}` (one per file, or one per line
+with text_mode="line"). JSONL and text lines go a line at a time, Parquet a record batch at a
+time, so inputs larger than memory are fine. A record that cannot be read is not dropped here:
+it comes out with `error` set ("malformed", "invalid_utf8") and a short `reason`, so the caller
+can count and report it by `path:line`; a file that cannot be read at all raises a ValueError.
+Bytes are decoded with errors="strict", because a codec's silent replacement would hide
+invalid UTF-8. `iter_records` (for `jtrain.data.prepare`) builds on it: one text per record,
+taken from `text_field`, with `ERRORS` naming why a record has none.
 """
 
 from __future__ import annotations
@@ -24,10 +28,28 @@ ERRORS = ("malformed", "invalid_utf8", "missing_field", "non_string")
 FORMATS = ("auto", "jsonl", "text", "parquet")
 TEXT_MODES = ("file", "line")
 
-_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-_PARQUET_SUFFIXES = (".parquet", ".pq")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 _PARQUET_BATCH_ROWS = 1024
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors put first in a file
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One record of a file as a dict, or the kind of error that kept it from being one."""
+
+    value: dict | None
+    path: str
+    line: int  # 1-based line (JSONL, text); row for Parquet; 1 for a whole text file
+    error: str | None = None  # "malformed" | "invalid_utf8"
+    reason: str = ""  # a short human explanation of `error`
+    nbytes: int = 0  # uncompressed input bytes the record came from, for MB/s
+
+    @property
+    def source(self) -> str:
+        """Where the record is: "path:line"."""
+        return f"{self.path}:{self.line}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +92,9 @@ def _split_compression(path: str) -> tuple[str, str | None]:
 def detect_format(path: str) -> str:
     """Returns "jsonl", "parquet" or "text" from the file name, ignoring a .gz/.zst suffix."""
     stem, _ = _split_compression(path)
-    if stem.endswith(_JSONL_SUFFIXES):
+    if stem.endswith(JSONL_SUFFIXES):
         return "jsonl"
-    if stem.endswith(_PARQUET_SUFFIXES):
+    if stem.endswith(PARQUET_SUFFIXES):
         return "parquet"
     return "text"
 
@@ -93,31 +115,21 @@ def open_binary(path: str) -> BinaryIO:
     return open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - caller closes
 
 
-def _decode(data: bytes, source: str) -> tuple[str | None, Record | None]:
+def _decode(data: bytes, path: str, line: int) -> tuple[str | None, Row | None]:
     try:
         return data.decode("utf-8"), None
     except UnicodeDecodeError as e:
         column = e.start - data.rfind(b"\n", 0, e.start)  # 1-based, in bytes
         reason = f"invalid UTF-8 byte 0x{data[e.start]:02x} at column {column}"
-        return None, Record(None, source, "invalid_utf8", reason, len(data))
+        return None, Row(None, path, line, "invalid_utf8", reason, len(data))
 
 
-def _field_record(value, present: bool, text_field: str, source: str, nbytes: int) -> Record:
-    if not present:
-        return Record(None, source, "missing_field", f"no field {text_field!r}", nbytes)
-    if not isinstance(value, str):
-        kind = "null" if value is None else type(value).__name__
-        return Record(None, source, "non_string", f"field {text_field!r} is {kind}", nbytes)
-    return Record(value, source, nbytes=nbytes)
-
-
-def _iter_jsonl(path: str, text_field: str) -> Iterator[Record]:
+def _jsonl_rows(path: str) -> Iterator[Row]:
     with open_binary(path) as f:
         for line_no, raw in enumerate(f, start=1):
             if line_no == 1:
                 raw = raw.removeprefix(_BOM)
-            source = f"{path}:{line_no}"
-            line, bad = _decode(raw, source)
+            line, bad = _decode(raw, path, line_no)
             if bad is not None:
                 yield bad
                 continue
@@ -126,36 +138,42 @@ def _iter_jsonl(path: str, text_field: str) -> Iterator[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                yield Record(
-                    None, source, "malformed", f"bad JSON: {e.msg} (column {e.colno})", len(raw)
-                )
+                reason = f"bad JSON: {e.msg} (column {e.colno})"
+                yield Row(None, path, line_no, "malformed", reason, len(raw))
                 continue
             if not isinstance(obj, dict):
                 reason = f"a JSON {type(obj).__name__}, not an object"
-                yield Record(None, source, "malformed", reason, len(raw))
+                yield Row(None, path, line_no, "malformed", reason, len(raw))
                 continue
-            present = text_field in obj
-            yield _field_record(obj.get(text_field), present, text_field, source, len(raw))
+            yield Row(obj, path, line_no, nbytes=len(raw))
 
 
-def _iter_text(path: str, text_mode: str) -> Iterator[Record]:
+def _newlines(text: str, universal: bool) -> str:
+    # Python's text mode (newline=None) reads CR LF and a lone CR as LF.
+    return text.replace("\r\n", "\n").replace("\r", "\n") if universal else text
+
+
+def _text_rows(path: str, text_mode: str, text_key: str, universal: bool) -> Iterator[Row]:
     with open_binary(path) as f:
         if text_mode == "file":
             data = f.read().removeprefix(_BOM)
             try:
-                yield Record(data.decode("utf-8"), f"{path}:1", nbytes=len(data))
+                text = _newlines(data.decode("utf-8"), universal)
+                yield Row({text_key: text}, path, 1, nbytes=len(data))
             except UnicodeDecodeError as e:
-                line_no = data.count(b"\n", 0, e.start) + 1
-                yield _decode(data, f"{path}:{line_no}")[1]
+                yield _decode(data, path, data.count(b"\n", 0, e.start) + 1)[1]
             return
         for line_no, raw in enumerate(f, start=1):
             if line_no == 1:
                 raw = raw.removeprefix(_BOM)
-            text, bad = _decode(raw, f"{path}:{line_no}")
-            yield bad if bad is not None else Record(text, f"{path}:{line_no}", nbytes=len(raw))
+            text, bad = _decode(raw, path, line_no)
+            if bad is None:
+                yield Row({text_key: _newlines(text, universal)}, path, line_no, nbytes=len(raw))
+            else:
+                yield bad
 
 
-def _iter_parquet(path: str, text_field: str) -> Iterator[Record]:
+def _parquet_rows(path: str, columns: list[str] | None) -> Iterator[Row]:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -163,34 +181,26 @@ def _iter_parquet(path: str, text_field: str) -> Iterator[Record]:
     if _split_compression(path)[1] is not None:
         raise ValueError(f"{path}: Parquet compresses internally; decompress the file first.")
     pf = pq.ParquetFile(path)
-    schema = pf.schema_arrow
-    if text_field not in schema.names:
-        reason = f"no column {text_field!r} (columns: {', '.join(schema.names)})"
+    names = pf.schema_arrow.names
+    columns = names if columns is None else [c for c in columns if c in names]
+    if not columns:  # none of the asked-for columns: every row is an empty record
         for row in range(1, pf.metadata.num_rows + 1):
-            yield Record(None, f"{path}:{row}", "missing_field", reason)
+            yield Row({}, path, row)
         return
-    column_type = schema.field(text_field).type
-    is_text = pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
-    is_bytes = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
     row = 0
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
-        column = batch.column(0)
-        if not (is_text or is_bytes):
-            reason = f"column {text_field!r} is {column_type}"
-            for _ in range(len(column)):
-                row += 1
-                yield Record(None, f"{path}:{row}", "non_string", reason)
-            continue
-        sizes = pc.binary_length(column).to_pylist()
-        for value, nbytes in zip(column.to_pylist(), sizes, strict=True):
+    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+        sizes = [0] * batch.num_rows  # the bytes of string and binary values, for MB/s
+        for column in batch.columns:
+            if (
+                pa.types.is_string(column.type)
+                or pa.types.is_large_string(column.type)
+                or (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type))
+            ):
+                lengths = pc.binary_length(column).to_pylist()
+                sizes = [s + (n or 0) for s, n in zip(sizes, lengths, strict=True)]
+        for value, nbytes in zip(batch.to_pylist(), sizes, strict=True):
             row += 1
-            source = f"{path}:{row}"
-            if is_bytes and value is not None:
-                value, bad = _decode(value, source)
-                if bad is not None:
-                    yield bad
-                    continue
-            yield _field_record(value, True, text_field, source, nbytes or 0)
+            yield Row(value, path, row, nbytes=nbytes)
 
 
 def check_options(text_mode: str, fmt: str) -> None:
@@ -201,33 +211,71 @@ def check_options(text_mode: str, fmt: str) -> None:
         raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}.")
 
 
-def iter_file_records(
-    path: str, *, text_field: str = "text", text_mode: str = "file", fmt: str = "auto"
-) -> Iterator[Record]:
-    """Returns an iterator of one `Record` per document of the file `path` (no glob expansion)."""
+def iter_file_rows(
+    path: str,
+    *,
+    text_mode: str = "file",
+    fmt: str = "auto",
+    text_key: str = "text",
+    columns: list[str] | None = None,
+    universal_newlines: bool = False,
+) -> Iterator[Row]:
+    """Returns an iterator of one `Row` per record of the file `path` (no glob expansion).
+
+    Text files give `{text_key: text}`; `columns` limits the Parquet columns read (default:
+    all); `universal_newlines` reads CR LF and CR in text files as LF, as Python's text mode.
+    """
     check_options(text_mode, fmt)
     kind = detect_format(path) if fmt == "auto" else fmt
     if kind == "jsonl":
-        records = _iter_jsonl(path, text_field)
+        rows = _jsonl_rows(path)
     elif kind == "parquet":
-        records = _iter_parquet(path, text_field)
+        rows = _parquet_rows(path, columns)
     else:
-        records = _iter_text(path, text_mode)
-    return _file_errors_named(path, kind, records)
+        rows = _text_rows(path, text_mode, text_key, universal_newlines)
+    return _file_errors_named(path, kind, rows)
 
 
-def _file_errors_named(path: str, kind: str, records: Iterator[Record]) -> Iterator[Record]:
+def _file_errors_named(path: str, kind: str, rows: Iterator[Row]) -> Iterator[Row]:
     """Re-raises a file that cannot be read at all (corrupt, truncated) as a ValueError."""
     import pyarrow as pa
     import zstandard
 
     try:
-        yield from records
+        yield from rows
     except (OSError, EOFError, zstandard.ZstdError, pa.ArrowException) as e:
         raise ValueError(
             f"{path}: cannot read it as {kind} ({type(e).__name__}: {e}); is it truncated, "
             "corrupt or misnamed? Fix or remove it, or set the format explicitly."
         ) from e
+
+
+def _text_record(row: Row, text_field: str) -> Record:
+    """The text of `row`'s `text_field`, or a Record saying why there is none."""
+    source, nbytes = row.source, row.nbytes
+    if row.error is not None:
+        return Record(None, source, row.error, row.reason, nbytes)
+    if text_field not in row.value:
+        return Record(None, source, "missing_field", f"no field {text_field!r}", nbytes)
+    value = row.value[text_field]
+    if isinstance(value, bytes):  # a Parquet binary column: strict UTF-8, as for files
+        value, bad = _decode(value, row.path, row.line)
+        if bad is not None:
+            return Record(None, source, bad.error, bad.reason, nbytes)
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        return Record(None, source, "non_string", f"field {text_field!r} is {kind}", nbytes)
+    return Record(value, source, nbytes=nbytes)
+
+
+def iter_file_records(
+    path: str, *, text_field: str = "text", text_mode: str = "file", fmt: str = "auto"
+) -> Iterator[Record]:
+    """Returns an iterator of one `Record` per document of the file `path` (no glob expansion)."""
+    rows = iter_file_rows(
+        path, text_mode=text_mode, fmt=fmt, text_key=text_field, columns=[text_field]
+    )
+    return (_text_record(row, text_field) for row in rows)
 
 
 def iter_records(

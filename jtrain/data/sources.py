@@ -1,14 +1,24 @@
-"""Sources: where the documents of each split come from, as text and as token ids.
+"""Sources: what `data.source` names, and the records or token documents of each split.
 
-A named source is a function returning `{split: [document text, ...]}` for every split in
-`SPLITS`, registered by name in `_SOURCES` (the CPython docs and the standard library's
-source code, both embedded in every install). Splits are assigned with `split_of`, a hash of
-a document key alone, so they never depend on Python's hash seed or the input order.
-`data.source` names one source or a weighted mixture (`parse_spec`): a registered name,
-`prepared:DIR` (ArrayRecord shards of int32 token ids written by `jtrain.data.prepare`) or
-`files:GLOB` (.jsonl/.txt, optionally gzipped, split by the sha256 of each text and
-tokenized when first used). `load_documents` gives one split of one source as `Documents`:
-token-id documents by index, with their lengths.
+`data.source` names one source or a weighted mixture (`parse_spec`, items separated by
+commas, each with an optional trailing `=WEIGHT`). A source is one of:
+
+- a registered record set (`records.register`): `pydoc_topics` and `python_stdlib`
+  (`embedded.py`), `python_docstrings` (chat examples, `docstrings.py`), in every install;
+- `files:GLOB`: JSON Lines (.jsonl/.json/.ndjson), Parquet (.parquet/.pq) or text files (one
+  record per file), JSON and text optionally .gz/.zst, read with `readers`; each record goes to
+  the split of a hash of its key (`split_of`);
+- `files:train=GLOB;val=GLOB;test=GLOB`: a dataset that comes with its own splits; a split not
+  named is empty and nothing is hashed. A glob may not contain ";" or ","; write "./" before a
+  relative glob whose first directory looks like `train=...`;
+- `python:module.path:function`: a user's records, `function(split)` returning a sequence of
+  dicts (the working directory is importable, as for configs/);
+- `prepared:DIR`: ArrayRecord shards of int32 token ids written by `jtrain.data.prepare`,
+  the one kind whose records are already token ids.
+
+`load_records` gives one split of a record source as `Records` (cached per process; bad
+records skipped, counted and warned about once per source); `load_documents` gives the token
+documents of one split for language modelling. `check` validates a source cheaply.
 """
 
 from __future__ import annotations
@@ -16,152 +26,96 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import gzip
 import hashlib
+import importlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+import re
+import sys
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jtrain.data.documents import (
-    ArrayRecordDocuments,
-    Documents,
-    InMemoryDocuments,
-)
+from jtrain.data import docstrings as docstrings  # registers python_docstrings
+from jtrain.data import records
+from jtrain.data.documents import ArrayRecordDocuments, Documents, InMemoryDocuments
+from jtrain.data.embedded import pydoc_topics as pydoc_topics
+from jtrain.data.embedded import python_stdlib as python_stdlib
+from jtrain.data.records import SPLITS as SPLITS
+from jtrain.data.records import BadRecord, Records, Skipped, SplitKey, registered, registered_names
+from jtrain.data.records import register as register
+from jtrain.data.records import split_of as split_of
 
-SPLITS = ("train", "val", "test")
-
-
-def split_of(key: str, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> str:
-    """Returns the split of `key`: sha256(key) as a uniform number in [0, 1), bucketed."""
-    if len(fractions) != len(SPLITS) or min(fractions) < 0 or not math.isclose(sum(fractions), 1):
-        raise ValueError(
-            f"fractions must be {len(SPLITS)} non-negative numbers for {SPLITS} summing to 1, "
-            f"got {tuple(fractions)}."
-        )
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    cumulative = 0.0
-    for split, fraction in zip(SPLITS, fractions, strict=True):
-        cumulative += fraction
-        if u < cumulative:
-            return split
-    # Rounding can leave the sum a hair under 1: fall back to the last non-empty split.
-    return next(s for s, f in zip(reversed(SPLITS), reversed(fractions), strict=True) if f > 0)
+_log = logging.getLogger(__name__)
 
 
-# Several pydoc topics repeat long passages of others ("compound" holds the text of "if",
-# "while", "try", "with", ...; "specialnames" that of "customization", ...). Split by topic
-# alone, 36% of the test split's text was verbatim in train. So topics that share a paragraph
-# of at least _SHARED_PARAGRAPH_CHARS characters form a group, and a group goes to the split of
-# its first topic name. The groups are lumpy (the two largest hold 80 KB and 104 KB), and the
-# plain hash left test 4% of the bytes; the salt was picked from jtrain-pydoc-v1..v39 as the
-# one closest to 80/10/10 bytes: on CPython 3.11 train/val/test get 64/7/8 topics and
-# 375,795/52,227/38,095 UTF-8 bytes (80.6%/11.2%/8.2%), and 1 of val's 518 100-character
-# chunks (none of test's) occurs in train.
-_PYDOC_SALT = "jtrain-pydoc-v9"
-_SHARED_PARAGRAPH_CHARS = 200
-
-
-def _topic_groups(topics: dict[str, str]) -> dict[str, str]:
-    """Maps each topic name to the first name of the topics it shares paragraphs with."""
-    parent = {name: name for name in topics}
-
-    def root(name: str) -> str:
-        while parent[name] != name:
-            name = parent[name]
-        return name
-
-    first_seen: dict[str, str] = {}
-    for name in sorted(topics):
-        for paragraph in topics[name].split("\n\n"):
-            paragraph = paragraph.strip()
-            if len(paragraph) < _SHARED_PARAGRAPH_CHARS:
-                continue
-            a, b = root(first_seen.setdefault(paragraph, name)), root(name)
-            parent[max(a, b)] = min(a, b)
-    return {name: root(name) for name in topics}
-
-
-@functools.cache
-def _pydoc_topics() -> dict[str, tuple[str, ...]]:
-    from pydoc_data.topics import topics
-
-    groups = _topic_groups(topics)
-    docs: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for name in sorted(topics):
-        docs[split_of(f"{_PYDOC_SALT}:{groups[name]}")].append(topics[name])
-    return {split: tuple(texts) for split, texts in docs.items()}
-
-
-def pydoc_topics() -> dict[str, list[str]]:
-    """Returns CPython's `pydoc_data.topics` help texts per split, ordered by topic name."""
-    return {split: list(texts) for split, texts in _pydoc_topics().items()}
-
-
-@functools.cache
-def _python_stdlib() -> dict[str, tuple[str, ...]]:
-    import sysconfig
-
-    # Top-level modules only (168 files, 4.7 MB on CPython 3.11): packages add tests and
-    # generated tables, and the top level is already a different domain from the docs.
-    directory = sysconfig.get_paths()["stdlib"]
-    docs: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for path in sorted(glob.glob(os.path.join(directory, "*.py"))):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        docs[split_of(f"jtrain-stdlib-v1:{os.path.basename(path)}")].append(text)
-    return {split: tuple(texts) for split, texts in docs.items()}
-
-
-def python_stdlib() -> dict[str, list[str]]:
-    """Returns the source code of the standard library's top-level modules per split."""
-    return {split: list(texts) for split, texts in _python_stdlib().items()}
-
-
-_SOURCES: dict[str, Callable[[], dict[str, list[str]]]] = {
-    "pydoc_topics": pydoc_topics,
-    "python_stdlib": python_stdlib,
-}
-
-
-def source_names() -> tuple[str, ...]:
-    """Returns the names `load_source` accepts."""
-    return tuple(sorted(_SOURCES))
+def source_names(holds: str = "text") -> tuple[str, ...]:
+    """Returns the registered record sets of `holds` records ("text" or "chat"), sorted."""
+    return registered_names(holds)
 
 
 def load_source(name: str) -> dict[str, list[str]]:
-    """Returns the documents of source `name` per split."""
-    if name not in _SOURCES:
+    """Returns the texts of the registered text set `name` per split."""
+    if name not in source_names():
         raise ValueError(f"Unknown data source {name!r}; allowed: {', '.join(source_names())}.")
-    return _SOURCES[name]()
+    return {split: [r["text"] for r in registered(name)(split)] for split in SPLITS}
 
 
 # Source specs: what config.data.source names.
 
-PREPARED, FILES = "prepared:", "files:"
-_TEXT_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".txt.gz")
+PREPARED, FILES, PYTHON = "prepared:", "files:", "python:"
+_PREFIXES = {"named": "", "prepared": PREPARED, "files": FILES, "python": PYTHON}
+# Most common first: an error message lists them in this order.
+_STEMS = (".jsonl", ".txt", ".json", ".ndjson", ".text", ".md")
+FILE_SUFFIXES = tuple(s + c for s in _STEMS for c in ("", ".gz", ".zst", ".zstd")) + (
+    ".parquet",
+    ".pq",
+)
+_FILE_KINDS = f"{', '.join(_STEMS)}, .parquet, .pq; JSON and text optionally .gz or .zst"
 _ALLOWED = (
     "{names}, prepared:DIR (a directory written by `python -m jtrain.data.prepare`), "
-    "files:GLOB (.jsonl or .txt files, optionally .gz, tokenized on the fly), or a weighted "
-    "mixture such as 'prepared:/data/web=0.7,pydoc_topics=0.3'"
+    f"files:GLOB ({_FILE_KINDS}; read on the fly), files:train=GLOB;val=GLOB;test=GLOB (a "
+    "dataset's own splits), python:module.path:function (function(split) returns that split's "
+    "records), or a weighted mixture such as 'prepared:/data/web=0.7,pydoc_topics=0.3'"
 )
+_SPLIT_GLOB = re.compile(r"\s*(\w+)\s*=(.*)", re.DOTALL)
+_PYTHON_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-    """One source of `data.source`: a registered name, a prepared directory or a file glob."""
+    """One source of `data.source`: a set's name, a directory, a file glob or a function."""
 
-    kind: str  # "named" | "prepared" | "files"
-    target: str  # the name, the directory or the glob
+    kind: str  # "named" | "prepared" | "files" | "python"
+    target: str  # the name, the directory, the glob(s) or "module.path:function"
     weight: float = 1.0  # mixture weight (relative)
 
     def __str__(self) -> str:
-        prefix = {"named": "", "prepared": PREPARED, "files": FILES}[self.kind]
-        return f"{prefix}{self.target}"
+        return f"{_PREFIXES[self.kind]}{self.target}"
+
+
+def split_globs(target: str) -> dict[str, str] | None:
+    """The globs of a `files:train=GLOB;val=GLOB` target by split, or None for one plain glob."""
+    parts = [part for part in target.split(";") if part.strip()]
+    first = _SPLIT_GLOB.fullmatch(parts[0]) if parts else None
+    if len(parts) == 1 and ";" not in target and not (first and first.group(1) in SPLITS):
+        return None  # a plain glob, perhaps with "=" in a directory name (year=2024/)
+    globs: dict[str, str] = {}
+    for part in parts:
+        match = _SPLIT_GLOB.fullmatch(part)
+        if not match:
+            raise ValueError(f"{part.strip()!r} is not SPLIT=GLOB")
+        split, pattern = match.group(1), match.group(2).strip()
+        if split not in SPLITS:
+            raise ValueError(f"{split!r} is not a split; name train, val or test")
+        if split in globs:
+            raise ValueError(f"split {split!r} is named twice")
+        if not pattern:
+            raise ValueError(f"split {split!r} names no glob")
+        globs[split] = pattern
+    return globs
 
 
 def _bad_spec(spec, problem: str, names: Sequence[str] | None = None) -> ValueError:
@@ -176,18 +130,25 @@ def _parse_item(spec: str, item: str, names: Sequence[str] | None = None) -> Sou
         try:
             weight = float(tail)
         except ValueError:
-            weight = 1.0  # an "=" inside a path, not a weight
+            weight = 1.0  # an "=" inside a path or a split's glob, not a weight
         else:
             body = head.strip()
             if not (math.isfinite(weight) and weight > 0):
                 raise _bad_spec(spec, f"the weight of {body!r} must be a positive number", names)
-    for kind, prefix in (("prepared", PREPARED), ("files", FILES)):
+    for kind, prefix in (("prepared", PREPARED), ("files", FILES), ("python", PYTHON)):
         if body.startswith(prefix):
             target = body[len(prefix) :].strip()
             if not target:
                 raise _bad_spec(spec, f"{body!r} names no path", names)
+            if kind == "files":
+                try:
+                    split_globs(target)
+                except ValueError as err:
+                    raise _bad_spec(spec, f"in {body!r}, {err}", names) from None
+            if kind == "python" and not _PYTHON_TARGET.fullmatch(target):
+                raise _bad_spec(spec, f"{body!r} is not python:module.path:function", names)
             return SourceSpec(kind, target, weight)
-    if body not in (_SOURCES if names is None else names):
+    if body not in (source_names() if names is None else names):
         raise _bad_spec(spec, f"{body!r} is not a known source", names)
     return SourceSpec("named", body, weight)
 
@@ -195,7 +156,7 @@ def _parse_item(spec: str, item: str, names: Sequence[str] | None = None) -> Sou
 def parse_spec(spec, names: Sequence[str] | None = None) -> tuple[SourceSpec, ...]:
     """Parses `data.source`: comma-separated sources, each with an optional `=weight`.
 
-    `names` replaces the registered text sources as the names allowed (SFT example sets).
+    `names` replaces the registered text sets as the names allowed (chat example sets).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise _bad_spec(spec, "it must be a non-empty string", names)
@@ -205,17 +166,167 @@ def parse_spec(spec, names: Sequence[str] | None = None) -> tuple[SourceSpec, ..
     return tuple(_parse_item(spec, item, names) for item in items)
 
 
+def check(spec: SourceSpec, source: str | None = None) -> None:
+    """Checks cheaply (no records read) that `spec` can load; `source` is all of data.source."""
+    source = str(spec) if source is None else source
+    if spec.kind == "files":
+        text_files(source, spec.target)
+    elif spec.kind == "python":
+        _python_function(source, spec.target)
+    elif spec.kind == "prepared":
+        read_manifest(source, spec.target)
+    elif spec.target not in source_names("text") + source_names("chat"):
+        raise _bad_spec(source, f"{spec.target!r} is not a known source")
+
+
+def _matched_files(spec: str, pattern: str, suffixes: tuple[str, ...], hint: str) -> list[str]:
+    paths = sorted(
+        p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+    )
+    if not paths:
+        raise ValueError(
+            f"data.source={spec!r}: {FILES}{pattern} matches no files; check the glob."
+        )
+    unknown = [p for p in paths if not p.lower().endswith(suffixes)]
+    if unknown:
+        kinds = _FILE_KINDS if suffixes == FILE_SUFFIXES else ", ".join(suffixes)
+        raise ValueError(f"data.source={spec!r}: {unknown[0]!r} is not one of {kinds}; {hint}.")
+    return paths
+
+
+def text_files(
+    spec: str,
+    pattern: str,
+    suffixes: tuple[str, ...] = FILE_SUFFIXES,
+    hint: str = "narrow the glob, or prepare other formats with `python -m jtrain.data.prepare`",
+) -> list[str]:
+    """The files a `files:` target matches, sorted (all splits' for train=GLOB;val=GLOB).
+
+    Raises a ValueError for a glob that matches nothing or a file of another suffix.
+    """
+    try:
+        globs = split_globs(pattern)
+    except ValueError as err:
+        raise _bad_spec(spec, f"in {FILES}{pattern!r}, {err}") from None
+    if globs is None:
+        return _matched_files(spec, pattern, suffixes, hint)
+    return sorted({p for g in globs.values() for p in _matched_files(spec, g, suffixes, hint)})
+
+
+# Records: one split of a record source, cached per process.
+
+
+def _identity(function: Callable):
+    if isinstance(function, functools.partial):
+        return (_identity(function.func), function.args, tuple(sorted(function.keywords.items())))
+    return function
+
+
+class _Key:
+    """A split_key as a cache key: a functools.partial compares by function and arguments."""
+
+    def __init__(self, function: SplitKey):
+        self.function, self._identity = function, _identity(function)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Key) and self._identity == other._identity
+
+    def __hash__(self) -> int:
+        return hash(self._identity)
+
+
+def load_records(spec: SourceSpec, split: str, split_key: SplitKey, *, text_key="text") -> Records:
+    """Returns the records of `split` of one source (cached per process: do not mutate them).
+
+    `split_key(record)` is the task's key: a plain `files:GLOB` record goes to
+    `split_of(split_key(record))`; in every source, a record for which it raises a ValueError
+    is bad: skipped and counted (by its `kind` attribute, if it has one). Text files give
+    `{text_key: contents}`. For the cache to hit, pass a module-level function or a
+    functools.partial of one.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; allowed: {', '.join(SPLITS)}.")
+    if spec.kind == "prepared":
+        raise ValueError(
+            f"data.source={str(spec)!r} holds token ids, not records; use load_documents."
+        )
+    return _load(spec.kind, spec.target, _Key(split_key), text_key)[split]
+
+
+@functools.cache
+def _load(kind: str, target: str, key: _Key, text_key: str) -> dict[str, Records]:
+    name, skipped = f"{_PREFIXES[kind]}{target}", Skipped()
+    if kind == "files":
+        globs = split_globs(target)
+        if globs is None:
+            files = {None: text_files(name, target)}  # None: split by the hash of each key
+        else:
+            files = {split: text_files(name, pattern) for split, pattern in globs.items()}
+        out = records.from_files(name, files, key.function, text_key, skipped)
+    else:
+        function = registered(target) if kind == "named" else _python_function(name, target)
+        out = records.from_function(name, function, key.function, skipped)
+    if skipped.total:
+        _log.warning("data.source %s: %s", name, skipped.summary())
+    return out
+
+
+def _python_function(source: str, target: str) -> Callable:
+    """The function `module.path:function` names; a ValueError says what to fix."""
+    module_name, _, function_name = target.rpartition(":")
+    if os.getcwd() not in sys.path:  # as for configs/: the user's code beside their command
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any failure to import is the user's to fix; say which
+        raise ValueError(
+            f"data.source={source!r}: cannot import {module_name!r} ({type(err).__name__}: "
+            f"{err}); make it importable from {os.getcwd()} or PYTHONPATH."
+        ) from err
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(
+            f"data.source={source!r}: module {module_name!r} has no function "
+            f"{function_name!r}; define {function_name}(split) returning that split's records."
+        )
+    return function
+
+
+# Token documents for language modelling.
+
+
+def text_split_key(field: str, record: dict) -> str:
+    """The language-modelling split key: the sha256 hex digest of the record's `field` text."""
+    if field not in record:
+        raise BadRecord("missing_field", f"no field {field!r}")
+    value = record[field]
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise BadRecord("non_string", f"field {field!r} is {kind}")
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
 def _encode_all(texts: Sequence[str], tokenizer) -> list[np.ndarray]:
     return [np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(list(texts))]
 
 
 @functools.cache
-def _named_documents(name: str, tokenizer: str, split: str) -> InMemoryDocuments:
+def _text_documents(kind: str, target: str, field: str, tokenizer: str, split: str):
     from jtrain.data import tokenizers
 
-    return InMemoryDocuments(
-        _encode_all(load_source(name)[split], tokenizers.get_tokenizer(tokenizer))
-    )
+    key = functools.partial(text_split_key, field)
+    records = load_records(SourceSpec(kind, target), split, key, text_key=field)
+    texts = [record[field] for record in records]
+    return InMemoryDocuments(_encode_all(texts, tokenizers.get_tokenizer(tokenizer)))
+
+
+def load_documents(source: SourceSpec, split: str, tokenizer: str, text_field: str) -> Documents:
+    """Returns the token documents of `split` of one source (cached per process)."""
+    if source.kind == "prepared":
+        return _prepared_documents(os.path.abspath(source.target), split)
+    # Registered text sets hold {"text": ...} whatever data.text_field says.
+    field = "text" if source.kind == "named" else text_field
+    return _text_documents(source.kind, source.target, field, tokenizer, split)
 
 
 # Prepared directories (written by jtrain.data.prepare).
@@ -276,91 +387,3 @@ def check_tokenizer(spec: str, path: str, manifest: dict, tokenizer_spec: str, t
 @functools.cache
 def _prepared_documents(path: str, split: str) -> ArrayRecordDocuments:
     return ArrayRecordDocuments(prepared_shards(path, split))
-
-
-# Raw files tokenized on the fly: .jsonl (one document per line) and .txt (one per file).
-
-_log = logging.getLogger(__name__)
-
-
-def text_files(
-    spec: str,
-    pattern: str,
-    suffixes: tuple[str, ...] = _TEXT_SUFFIXES,
-    hint: str = "narrow the glob, or prepare other formats with `python -m jtrain.data.prepare`",
-) -> list[str]:
-    """The files `pattern` matches, sorted; raises a ValueError for none or another suffix."""
-    paths = sorted(
-        p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
-    )
-    if not paths:
-        raise ValueError(
-            f"data.source={spec!r}: {FILES}{pattern} matches no files; check the glob."
-        )
-    unknown = [p for p in paths if not p.endswith(suffixes)]
-    if unknown:
-        raise ValueError(
-            f"data.source={spec!r}: {unknown[0]!r} is not one of {', '.join(suffixes)}; {hint}."
-        )
-    return paths
-
-
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _read_texts(path: str, text_field: str, skipped: list[str]) -> Iterator[str]:
-    with _open_text(path) as f:
-        if not path.endswith((".jsonl", ".jsonl.gz")):
-            yield f.read()
-            return
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[text_field]
-            except (json.JSONDecodeError, TypeError, KeyError, IndexError) as err:
-                skipped.append(f"{path}:{line_number}: {type(err).__name__} {err}")
-                continue
-            if isinstance(text, str):
-                yield text
-            else:
-                skipped.append(f"{path}:{line_number}: {text_field!r} is not a string")
-
-
-@functools.cache
-def _file_texts(pattern: str, text_field: str) -> dict[str, tuple[str, ...]]:
-    texts: dict[str, list[str]] = {split: [] for split in SPLITS}
-    skipped: list[str] = []
-    for path in text_files(f"{FILES}{pattern}", pattern):
-        for text in _read_texts(path, text_field, skipped):
-            texts[split_of(hashlib.sha256(text.encode("utf-8")).hexdigest())].append(text)
-    if skipped:
-        _log.warning(
-            "%s%s: skipped %d records without a %r string, e.g. %s",
-            FILES,
-            pattern,
-            len(skipped),
-            text_field,
-            "; ".join(skipped[:3]),
-        )
-    return {split: tuple(t) for split, t in texts.items()}
-
-
-@functools.cache
-def _file_documents(pattern: str, text_field: str, tokenizer: str, split: str) -> InMemoryDocuments:
-    from jtrain.data import tokenizers
-
-    texts = _file_texts(pattern, text_field)[split]
-    return InMemoryDocuments(_encode_all(texts, tokenizers.get_tokenizer(tokenizer)))
-
-
-def load_documents(source: SourceSpec, split: str, tokenizer: str, text_field: str) -> Documents:
-    """Returns the token documents of `split` of one source (cached per process)."""
-    if source.kind == "prepared":
-        return _prepared_documents(os.path.abspath(source.target), split)
-    if source.kind == "files":
-        return _file_documents(source.target, text_field, tokenizer, split)
-    return _named_documents(source.target, tokenizer, split)
