@@ -72,8 +72,8 @@ def pipeline_tokens_per_s(config, workers: int, batches: int) -> tuple[float, fl
     masked, total = 0.0, 0
     start = time.perf_counter()
     for batch in itertools.islice(iterator, batches):
-        masked += float(batch["mask"].sum())
-        total += batch["mask"].size
+        masked += float(batch["loss_weight"].sum())
+        total += batch["loss_weight"].size
     seconds = time.perf_counter() - start
     iterator.close()
     return total / seconds, first, masked / total

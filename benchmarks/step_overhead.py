@@ -110,7 +110,7 @@ def make_bare_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> 
             positions_BxL=batch.get("positions"),  # packed rows: documents attend only
             segment_ids_BxL=batch.get("segment_ids"),  # within themselves
         )
-        return masked_mean_xent(logits, batch["targets"], batch["mask"])
+        return masked_mean_xent(logits, batch["targets"], batch["loss_weight"])
 
     @jax.jit(donate_argnums=(0, 1))
     def step(params, opt_state, batch):

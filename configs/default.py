@@ -11,9 +11,12 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the default configuration."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds parameter init, dropout and data order
-    c.task = "lm"  # next-token prediction; see jtrain/tasks/
+    # The objective: lm (next-token prediction) | sft (the LM loss on chat responses), or
+    # module.path:ClassName for a Task of your own; see jtrain/tasks/.
+    c.task = "lm"
 
     c.model = ml_collections.ConfigDict()
+    c.model.kind = "transformer"  # the model family (jtrain/models/); the keys below are its own
     c.model.vocab_size = 384  # >= the tokenizer's 259 ids, padded to a multiple of 128
     c.model.d_model = 128  # width of the residual stream
     c.model.n_layers = 4  # transformer blocks (scanned, so compile time does not grow)
@@ -80,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 100  # steps between validation passes (0 = only at the end)
     c.eval.steps = -1  # batches per validation pass (-1 = the whole split)
+    c.eval.split = "val"  # what --mode=eval evaluates: val | test
     c.eval.sample_tokens = 200  # bytes generated from a prompt at the end (0 = none)
     c.eval.sample_prompt = "The for statement"  # prompt for the end-of-run sample
     c.eval.sample_temperature = 0.7  # 0 = greedy; sampling avoids greedy's loops

@@ -116,7 +116,9 @@ def _saved_layout(manager: ocp.CheckpointManager, step: int) -> dict | None:
 class Checkpoints:
     """The run's CheckpointManager: keeps the last `keep` plus the best by validation loss."""
 
-    def __init__(self, workdir: str, ckpt_cfg, *, best_metric: str = "loss"):
+    def __init__(
+        self, workdir: str, ckpt_cfg, *, best_metric: str = "loss", read_only: bool = False
+    ):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.best_metric = best_metric
         keep = [policies.LatestN(ckpt_cfg.keep)]
@@ -130,11 +132,14 @@ class Checkpoints:
                     keep_checkpoints_without_metrics=False,  # else LatestN never deletes
                 )
             )
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=policies.AnyPreservationPolicy(keep),
-            enable_async_checkpointing=True,
-            create=True,
-        )
+        if read_only:  # evaluation: never create, write or delete anything
+            options = ocp.CheckpointManagerOptions(read_only=True)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=policies.AnyPreservationPolicy(keep),
+                enable_async_checkpointing=True,
+                create=True,
+            )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=_item_handlers()
         )
@@ -185,13 +190,22 @@ class Checkpoints:
 
     # -- restoring --------------------------------------------------------------------------
 
-    def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, Any, int] | None:
+    def restore_latest(
+        self, abstract_state: TrainState, *, step: int | None = None
+    ) -> tuple[TrainState, Any, int] | None:
         """(state, data_state, step) from the newest readable checkpoint, or None if none.
 
         `abstract_state` carries the target shardings, which may differ from those the
         checkpoint was saved with (resharding). Damaged checkpoints are skipped with a warning.
+        With `step`, only that checkpoint is read.
         """
         steps = self.steps()
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(
+                    f"{self.directory} has no checkpoint of step {step}; it has {steps or 'none'}."
+                )
+            steps = [step]
         for step in reversed(steps):
             try:
                 custom = _saved_layout(self.manager, step)

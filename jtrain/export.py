@@ -24,6 +24,7 @@ from jtrain import checkpoint
 from jtrain.experiment import Experiment
 from jtrain.interop import hf
 from jtrain.models import lora
+from jtrain.state import BASE
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The jtrain run to export.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "A new (or empty) directory to write.")
@@ -71,9 +72,9 @@ def trained_model(workdir: str, *, step: int | None = None) -> nnx.Module:
     config.mesh.update(data=1, fsdp=1, tensor=1)
     exp = Experiment.from_config(config, _host_devices())
     params = checkpoint.load_params(workdir, exp.abstract_sharded_state().params, step=step)
-    if not exp.has_frozen():
+    if not exp.has_frozen_base():
         return nnx.merge(exp.graphdef, params)
-    return lora.merge(nnx.merge(exp.graphdef, params, exp.rebuild_frozen()))
+    return lora.merge(nnx.merge(exp.graphdef, params, exp.rebuild_frozen()[BASE]))
 
 
 def export_hf(

@@ -23,8 +23,7 @@ def _next_token(params, window_1xL, length, rng, *, graphdef, temperature: float
 
 
 def sample(
-    graphdef: nnx.GraphDef,
-    params,
+    model: nnx.Module,
     prompt_ids: np.ndarray,
     *,
     max_new_tokens: int,
@@ -34,6 +33,7 @@ def sample(
     seed: int = 0,
 ) -> np.ndarray:
     """Extends prompt_ids by up to max_new_tokens; greedy when temperature is 0."""
+    graphdef, params = nnx.split(model)
     tokens = [int(t) for t in prompt_ids]
     rng = jax.random.key(seed)
     for i in range(max_new_tokens):

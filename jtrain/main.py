@@ -13,7 +13,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/NAME.py[:ARG]).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and checkpoints.")
-_MODE = flags.DEFINE_enum("mode", "train", run.MODES, "What to do with the config.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", run.MODES, "train | eval (evaluate eval.split without training)."
+)
+_STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: latest).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for a multi-process run."
 )
@@ -37,6 +40,8 @@ def main(argv: list[str]) -> None:
         )
         if _MODE.value == "train":
             run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        else:
+            run.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
     except (ConfigError, CheckpointError, run.NonFiniteError, distributed.SetupError) as err:
         # Problems the user can fix: the message says how; a traceback would bury it.
         sys.exit(f"error: {err}")

@@ -84,12 +84,50 @@ def device_peak_flops(device: jax.Device, configured: float = 0.0) -> float:
 
 
 def mfu(
-    flops_per_token: float, tokens_per_second: float, num_devices: int, peak_flops_per_device: float
+    flops_per_example: float,
+    examples_per_second: float,
+    num_devices: int,
+    peak_flops_per_device: float,
 ) -> float:
     """Returns model FLOPs utilisation as a fraction (0.0 when the peak is unknown)."""
     if peak_flops_per_device <= 0 or num_devices <= 0:
         return 0.0
-    return flops_per_token * tokens_per_second / (num_devices * peak_flops_per_device)
+    return flops_per_example * examples_per_second / (num_devices * peak_flops_per_device)
+
+
+class Throughput:
+    """Examples/s (and tokens/s where the task has tokens), step time and MFU over the steps
+    since the last report or restart."""
+
+    def __init__(self, exp):
+        self.examples_per_step = exp.config.train.batch_size
+        self.tokens_per_example = exp.task.tokens_per_example()
+        # A frozen base gets no weight gradients: fewer FLOPs per example.
+        self.flops_per_example = exp.task.flops_per_example(weight_grads=not exp.has_frozen_base())
+        self.num_devices = exp.mesh.size
+        peak = exp.config.metrics.peak_flops_per_device
+        self.peak = device_peak_flops(exp.mesh.devices.flat[0], peak)
+        self.restart(0)
+
+    def restart(self, step: int) -> None:
+        """Starts a new interval (after compilation or evaluation, which it must not count)."""
+        self.step, self.time = step, time.perf_counter()
+
+    def report(self, step: int) -> dict[str, float]:
+        """The rates since the last report; empty if no step or no time has passed."""
+        now = time.perf_counter()
+        steps, seconds = step - self.step, now - self.time
+        self.restart(step)
+        if steps <= 0 or seconds <= 0:
+            return {}
+        examples_per_s = steps * self.examples_per_step / seconds
+        rates = {"step_time": seconds / steps, "examples_per_s": examples_per_s}
+        if self.tokens_per_example:
+            rates["tokens"] = self.examples_per_step * self.tokens_per_example
+            rates["tokens_per_s"] = examples_per_s * self.tokens_per_example
+        flops, devices = self.flops_per_example, self.num_devices
+        rates["mfu"] = mfu(flops, examples_per_s, devices, self.peak)
+        return rates
 
 
 def _to_python(name: str, value: Any) -> float | int:

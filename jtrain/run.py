@@ -1,69 +1,29 @@
-"""The training loop: resume, step, log, validate, checkpoint, test once at the end.
-
-The loop never waits on the device without need: step n's metrics are read only after
-step n+1 has been dispatched, so the device always has queued work.
+"""Running a config: `train_and_evaluate` (train, validate, test once, show) and `evaluate`
+(one split of a saved or pre-trained model, without training). Both are what `jtrain.main`'s
+`--mode` calls; the steps and the hooks around them live in `jtrain.loop` and `jtrain.hooks`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
 import time
-from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from jax.experimental import multihost_utils
 
-from jtrain import checkpoint, generate, metrics, pretrained
+from jtrain import checkpoint, hooks, metrics, pretrained
 from jtrain import config as config_lib
-from jtrain.data import pipeline, tokenizers
+from jtrain.data import pipeline
 from jtrain.experiment import Experiment
+from jtrain.loop import Loop, NonFiniteError, PipelineBatches
 from jtrain.state import TrainState
 from jtrain.tasks.base import Task
 
-MODES = ("train",)
-
-
-class NonFiniteError(RuntimeError):
-    """Training met a non-finite loss or gradient under train.on_nonfinite='halt'."""
-
-
-class _Throughput:
-    """Tokens/s, step time and MFU over the steps since the last report."""
-
-    def __init__(self, exp: Experiment, tokens_per_step: int):
-        cfg = exp.config
-        self.tokens_per_step = tokens_per_step
-        # A LoRA run's frozen base gets no weight gradients: fewer FLOPs per token.
-        self.flops_per_token = exp.task.flops_per_token(
-            cfg.train.seq_len, weight_grads=not exp.has_frozen()
-        )
-        self.num_devices = exp.mesh.size
-        self.peak = metrics.device_peak_flops(
-            exp.mesh.devices.flat[0], cfg.metrics.peak_flops_per_device
-        )
-        self.restart(0)
-
-    def restart(self, step: int) -> None:
-        """Starts a new interval (after compilation or evaluation, which it must not count)."""
-        self.step, self.time = step, time.perf_counter()
-
-    def report(self, step: int) -> dict[str, float]:
-        now = time.perf_counter()
-        steps, seconds = step - self.step, now - self.time
-        self.restart(step)
-        if steps <= 0 or seconds <= 0:
-            return {}
-        tokens_per_s = steps * self.tokens_per_step / seconds
-        return {
-            "step_time": seconds / steps,
-            "tokens_per_s": tokens_per_s,
-            "mfu": metrics.mfu(self.flops_per_token, tokens_per_s, self.num_devices, self.peak),
-        }
+MODES = ("train", "eval")
+__all__ = ["MODES", "NonFiniteError", "evaluate", "train_and_evaluate"]
 
 
 class _Preemption:
@@ -104,21 +64,20 @@ def _barrier(name: str) -> None:
 
 
 def _initial_state(
-    exp: Experiment, ckpts: checkpoint.Checkpoints, train_iter, config
+    exp: Experiment, ckpts: checkpoint.Checkpoints, batches: PipelineBatches
 ) -> tuple[TrainState, int]:
     """The latest good checkpoint (with the data position), else a fresh or init_from state.
 
-    Checkpoints hold all but the frozen base of a LoRA run, which is rebuilt here exactly as
-    the run first built it: from model.init_from, or else from the seed.
+    Checkpoints hold all but the frozen parts, which are rebuilt here exactly as the run first
+    built them: each from its own spec (a LoRA base from model.init_from), else from the seed.
     """
-    init_from = config.model.init_from
+    init_from = exp.config.model.init_from
     restored = ckpts.restore_latest(exp.abstract_sharded_state().checkpointed())
     if restored is not None:
         state, data_state, step = restored
-        train_iter.set_state(data_state)
-        frozen = exp.rebuild_frozen()  # a LoRA run's base; empty when every weight trains
+        batches.set_state(data_state)
         print(f"jtrain: resumed from {ckpts.directory} at step {step}", flush=True)
-        return state.replace(frozen=frozen), step
+        return state.replace(frozen=exp.rebuild_frozen()), step
     base = pretrained.load(init_from, exp.abstract_base) if init_from else None
     state = exp.init_state(base=base)
     if init_from:
@@ -126,102 +85,21 @@ def _initial_state(
     return state, 0
 
 
-@dataclasses.dataclass
-class _Loop:
-    """A run's bookkeeping around the pure step: logging, evaluation, checkpoints, policy."""
+def _prepare(config: ml_collections.ConfigDict) -> None:
+    for change in config_lib.prepare(config):
+        print(f"jtrain: from {config.model.init_from}: {change}", flush=True)
 
-    config: ml_collections.ConfigDict
-    exp: Experiment
-    ckpts: checkpoint.Checkpoints
-    train_iter: Any
-    writer: metrics.MetricWriter
-    started: float
-    results: dict[str, dict] = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self):
-        t = self.config.train
-        self.throughput = _Throughput(self.exp, t.batch_size * t.seq_len)
-
-    def evaluate(self, step: int, split: str, params) -> None:
-        """Evaluates on a whole split and logs it."""
-        batches = pipeline.eval_batches(
-            self.config,
-            split,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        self.results[split] = self.exp.evaluate(params, batches)
-        self.writer.write(step, split, self.results[split])
-
-    def save(self, state: TrainState, val: dict | None) -> None:
-        """Starts an async checkpoint of the state and the data position after it."""
-        self.ckpts.save(
-            state.checkpointed(),  # a LoRA run's frozen base is rebuilt, not saved
-            data_state=self.train_iter.get_state(),
-            config=self.config.to_dict(),
-            metrics=val,
-            started=self.started,
-        )
-
-    def finish_step(self, step: int, step_metrics) -> None:
-        """Applies the non-finite policy to a finished step and logs it when due."""
-        if float(step_metrics["nonfinite"]):
-            steps = self.ckpts.steps()
-            last = f"step {steps[-1]} in {self.ckpts.directory}" if steps else "none yet"
-            if self.config.train.on_nonfinite == "halt":
-                self.ckpts.wait()
-                raise NonFiniteError(
-                    f"non-finite loss or gradient at step {step}; its update was not applied. "
-                    f"Last good checkpoint: {last}. Lower optimizer.lr, check the data, or set "
-                    "--config.train.on_nonfinite=skip to drop such steps and go on."
-                )
-            print(f"warning: non-finite loss or gradient at step {step}; update skipped")
-        if step % self.config.train.log_every == 0 or step == self.config.train.steps:
-            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            values.update(self.throughput.report(step))
-            self.writer.write(step, "train", values)
-            self.results["train"] = values
-
-    def train(
-        self, state: TrainState, first_step: int, preemption: _Preemption
-    ) -> tuple[TrainState, bool]:
-        """Runs steps first_step+1 .. train.steps; returns the state and whether preempted."""
-        t, every_eval, every_ckpt = (
-            self.config.train,
-            self.config.eval.every_steps,
-            self.config.checkpoint.every_steps,
-        )
-        previous = None  # (step, metrics): read once the next step is dispatched
-        for step in range(first_step + 1, t.steps + 1):
-            state, step_metrics = self.exp.train_step(
-                state, self.exp.global_batch(next(self.train_iter))
-            )
-            if previous is not None:
-                self.finish_step(*previous)
-            previous = (step, step_metrics)
-            if step == first_step + 1:
-                jax.block_until_ready(step_metrics)  # compilation is not throughput
-                compile_time = time.perf_counter() - self.started
-                self.writer.write(step, "train", {"compile_time": compile_time})
-                self.throughput.restart(step)
-
-            do_eval = step == t.steps or (every_eval and step % every_eval == 0)
-            do_save = step == t.steps or (every_ckpt and step % every_ckpt == 0)
-            preempted = preemption.reached(step)
-            if not (do_eval or do_save or preempted):
-                continue
-            self.finish_step(*previous)
-            previous = None
-            if do_eval:
-                self.evaluate(step, "val", state.model_params)
-            if do_save or preempted:
-                self.save(state, self.results.get("val") if do_eval else None)
-            self.throughput.restart(step)  # evaluation and saving are not throughput
-            if preempted:
-                self.ckpts.wait()
-                print(f"jtrain: preempted; saved step {step} in {self.ckpts.directory}", flush=True)
-                return state, True
-        return state, False
+def _hooks(exp: Experiment, ckpts: checkpoint.Checkpoints) -> list[hooks.Hook]:
+    c = exp.config
+    val = hooks.Evaluate("val", c.eval.every_steps, at_start=bool(c.model.init_from))
+    return [
+        val,
+        hooks.Checkpoint(ckpts, c.checkpoint.every_steps, val),
+        hooks.FinalEvaluate("test"),  # the test split: once, at the end
+        hooks.TrainLog(c.train.log_every, c.train.steps),
+        hooks.Display(),
+    ]
 
 
 def train_and_evaluate(
@@ -234,8 +112,7 @@ def train_and_evaluate(
     objective that `config.task` names.
     """
     started = time.perf_counter()
-    for change in config_lib.prepare(config):
-        print(f"jtrain: from {config.model.init_from}: {change}", flush=True)
+    _prepare(config)
     os.makedirs(workdir, exist_ok=True)
     checkpoint.prepare_workdir(workdir, config.to_dict(), overwrite=config.checkpoint.overwrite)
     _barrier("workdir checked")  # every process read the old config.json before it changes
@@ -244,58 +121,74 @@ def train_and_evaluate(
 
     exp = Experiment.from_config(config, task=task)
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint)
-    train_iter = pipeline.make_train_iterator(
-        config, process_index=jax.process_index(), process_count=jax.process_count()
+    iterator = pipeline.make_train_iterator(
+        config,
+        task=exp.task,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
-    state, first_step = _initial_state(exp, ckpts, train_iter, config)
+    batches = PipelineBatches(iterator, exp)
+    state, first_step = _initial_state(exp, ckpts, batches)
     t = config.train
     print(
         f"jtrain: {exp.param_count():,} trained parameters"
-        + (f" on a frozen base of {exp.frozen_count():,}" if exp.has_frozen() else "")
+        + (f", {exp.frozen_count():,} frozen" if exp.frozen_count() else "")
         + f", mesh {dict(exp.mesh.shape)}, "
-        f"steps {first_step + 1}..{t.steps} of {t.batch_size}x{t.seq_len} tokens",
+        f"steps {first_step + 1}..{t.steps} of {t.batch_size} examples",
         flush=True,
     )
     with metrics.MetricWriter(workdir) as writer, _Preemption() as preemption:
-        loop = _Loop(config, exp, ckpts, train_iter, writer, started)
-        if first_step == 0 and config.model.init_from:
-            # Fine-tuning: the starting point's validation loss is the baseline to beat.
-            loop.evaluate(0, "val", state.model_params)
-        state, preempted = loop.train(state, first_step, preemption)
-        ckpts.wait()
-        if not preempted:
-            if first_step == t.steps:
-                loop.evaluate(t.steps, "val", state.model_params)  # a finished run, resumed
-            loop.evaluate(t.steps, "test", state.model_params)  # the test split: once, at the end
-            writer.write(t.steps, "train", {"wall_time": time.perf_counter() - started})
+        loop = Loop(config, exp, batches, _hooks(exp, ckpts), writer, ckpts, started)
+        loop.run(state, first_step, preemption)
     ckpts.close()
-    if config.eval.sample_tokens and not preempted:
-        _print_sample(exp, state.model_params, config)
     return loop.results
 
 
-def _print_sample(exp: Experiment, params, config) -> None:
-    tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
-    prompt = config.eval.sample_prompt
-    stop_id = tokenizer.eos_id
-    if config.task == "sft":  # the prompt as a user turn, answered as the template's assistant
-        from jtrain.data import chat
-
-        template = chat.load(config.data.chat_template, config.data.tokenizer)
-        ids, stop_id = chat.prompt_ids(template, tokenizer, prompt), template.stop_id
-        prompt += "\n-> "
-    else:
-        ids = tokenizer.encode(prompt, add_bos=True, add_eos=False)
-    temperature = config.eval.sample_temperature
-    new = generate.sample(
-        exp.graphdef,
-        params,
-        np.asarray(ids),
-        max_new_tokens=config.eval.sample_tokens,
-        window=config.train.seq_len,
-        stop_id=stop_id,
-        temperature=temperature,
-        seed=config.seed,
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    step: int | None = None,
+    task: Task | None = None,
+) -> dict[str, float]:
+    """Evaluates `eval.split` of the workdir's checkpoint at `step` (None = the latest), or of
+    the `model.init_from` weights when the workdir has no checkpoint; appends the event to
+    workdir/metrics.jsonl and returns the metrics. Nothing is trained or saved."""
+    _prepare(config)
+    exp = Experiment.from_config(config, task=task)
+    state, at = _evaluated_state(exp, workdir, step)
+    split = config.eval.split
+    batches = pipeline.eval_batches(
+        config,
+        split,
+        task=exp.task,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
-    how = f"temperature {temperature}" if temperature else "greedy"
-    print(f"sample ({how}):\n{prompt}{tokenizer.decode(new)}", flush=True)
+    results = hooks.evaluate(exp, state, batches)
+    with metrics.MetricWriter(workdir) as writer:
+        writer.write(at, split, results)
+    return results
+
+
+def _evaluated_state(exp: Experiment, workdir: str, step: int | None) -> tuple[TrainState, int]:
+    """(state, its step): a checkpoint of workdir, else the model.init_from weights."""
+    init_from = exp.config.model.init_from
+    restored = None
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        ckpts = checkpoint.Checkpoints(workdir, exp.config.checkpoint, read_only=True)
+        try:
+            abstract = exp.abstract_sharded_state().checkpointed()
+            restored = ckpts.restore_latest(abstract, step=step)
+        finally:
+            ckpts.close()
+    if restored is not None:
+        state, _, at = restored
+        return state.replace(frozen=exp.rebuild_frozen()), at
+    if step is not None or not init_from:
+        raise checkpoint.CheckpointError(
+            f"nothing to evaluate: {workdir} has no checkpoint"
+            + (f" of step {step}" if step is not None else "")
+            + "; train there first, or set --config.model.init_from to the weights to evaluate."
+        )
+    return exp.init_state(base=pretrained.load(init_from, exp.abstract_base)), 0

@@ -7,6 +7,8 @@ from typing import Any
 import jax
 from flax import nnx, struct
 
+BASE = "base"  # the name of the trained model's own frozen part in TrainState.frozen
+
 
 @struct.dataclass
 class TrainState:
@@ -21,15 +23,18 @@ class TrainState:
     step: jax.Array  # int32 scalar: training steps taken (batches consumed)
     rng: jax.Array  # base key; step n uses fold_in(rng, n), so resuming needs no key history
     skipped: jax.Array  # int32 scalar: steps whose update was dropped for a non-finite loss
-    # The rest of the model, which gets no gradients: a LoRA run's base (empty when every
-    # parameter trains). Not checkpointed: it is rebuilt from model.init_from or the seed.
-    frozen: Any = None
+    # What gets no gradients, by name: "base" is the trained model's frozen rest (a LoRA run's
+    # base; empty when every parameter trains), the other names are the task's frozen models
+    # (a reference, a teacher). Never checkpointed: rebuilt from where they were loaded.
+    frozen: dict[str, Any] | None = None
 
     @property
     def model_params(self) -> nnx.State:
-        """Every variable of the model, trained and frozen: what evaluation and sampling use."""
-        return self.params if self.frozen is None else nnx.merge_state(self.params, self.frozen)
+        """Every variable of the trained model, trained and frozen: for evaluation, sampling."""
+        if not self.frozen:
+            return self.params
+        return nnx.merge_state(self.params, self.frozen[BASE])
 
     def checkpointed(self) -> TrainState:
-        """The part of the state that checkpoints hold: all but the frozen base."""
+        """The part of the state that checkpoints hold: all but the frozen parts."""
         return self.replace(frozen=None)

@@ -1,30 +1,45 @@
 """Pure train and eval steps, generic over a Task, and their one-time jit with shardings.
 
-`train_step(state, batch) -> (state, metrics)` has no side effects: the model structure,
+`train_step(state, batch) -> (state, metrics)` has no side effects: the model structures,
 the task and the optimizer are bound as keywords before jit, so only arrays are traced.
-Gradients are taken of `state.params` only; `state.frozen` (a LoRA run's base, else empty)
-completes the model and passes through unchanged.
+Gradients are taken of `state.params` only; `state.frozen` (the trained model's frozen base,
+and the task's frozen models) passes through unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jtrain.state import TrainState
+from jtrain.state import BASE, TrainState
 from jtrain.tasks.base import Batch, LossOutput, Task
 
 
-def _loss_and_grads(params, frozen, batch: Batch, rng, *, graphdef, task: Task):
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """The static graph definitions: the trained model's and each frozen model's."""
+
+    trained: nnx.GraphDef
+    frozen: Mapping[str, nnx.GraphDef]
+
+    def models(self, params, frozen) -> tuple[nnx.Module, dict[str, nnx.Module]]:
+        """(the trained model, the frozen models by name) from their states."""
+        model = nnx.merge(self.trained, params, frozen[BASE])
+        return model, {name: nnx.merge(g, frozen[name]) for name, g in self.frozen.items()}
+
+
+def _loss_and_grads(params, frozen, batch: Batch, rng, *, structure: Structure, task: Task):
     """Gradient of the summed loss (not the mean), so micro-batches add up exactly."""
 
     def loss_fn(p):
-        out = task.loss(nnx.merge(graphdef, p, frozen), batch, dropout_rng=rng)
+        model, frozen_models = structure.models(p, frozen)
+        out = task.loss(model, batch, dropout_rng=rng, frozen=frozen_models)
         return out.loss_sum, out
 
     grads, out = jax.grad(loss_fn, has_aux=True)(params)
@@ -48,7 +63,7 @@ def train_step(
     state: TrainState,
     batch: Batch,
     *,
-    graphdef: nnx.GraphDef,
+    structure: Structure,
     task: Task,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
@@ -56,7 +71,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on the mean loss of the batch, accumulated over micro-batches."""
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = functools.partial(_loss_and_grads, graphdef=graphdef, task=task)
+    grad_fn = functools.partial(_loss_and_grads, structure=structure, task=task)
     if microbatches == 1:
         grads, out = grad_fn(state.params, state.frozen, batch, rng)
     else:
@@ -89,31 +104,32 @@ def train_step(
     )
     metrics = {
         "loss": loss,
-        **{name: value / weight for name, value in out.sums.items()},
         "grad_norm": grad_norm,
-        "lr": schedule(state.step),
-        "tokens": out.weight,
+        # The optimizer's own count skips dropped updates, so this is the rate it applied.
+        "lr": schedule(state.step - state.skipped),
         "nonfinite": 1.0 - finite.astype(jnp.float32),
+        "totals": out,  # the task turns these into its reported metrics
     }
     return new_state, metrics
 
 
-def eval_step(params, batch: Batch, *, graphdef: nnx.GraphDef, task: Task) -> LossOutput:
+def eval_step(params, frozen, batch: Batch, *, structure: Structure, task: Task) -> LossOutput:
     """Loss and metric sums over one batch, without dropout; the caller adds them up."""
-    return task.loss(nnx.merge(graphdef, params), batch, dropout_rng=None)
+    model, frozen_models = structure.models(params, frozen)
+    return task.loss(model, batch, dropout_rng=None, frozen=frozen_models)
 
 
 def jit_train_step(
-    *, graphdef, task, tx, schedule, microbatches: int, state_shardings, batch_sharding
+    *, structure, task, tx, schedule, microbatches: int, state_shardings, batch_sharding
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """train_step compiled once: state in and out with its shardings, and donated.
 
-    Donation also covers the frozen base: XLA aliases it from input to output, so passing
-    it through costs no copy (without donation it would be copied every step).
+    Donation also covers the frozen parts: XLA aliases them from input to output, so passing
+    them through costs no copy (without donation they would be copied every step).
     """
     step = functools.partial(
         train_step,
-        graphdef=graphdef,
+        structure=structure,
         task=task,
         tx=tx,
         schedule=schedule,
@@ -127,7 +143,8 @@ def jit_train_step(
     )
 
 
-def jit_eval_step(*, graphdef, task, params_shardings, batch_sharding):
+def jit_eval_step(*, structure, task, state_shardings, batch_sharding):
     """eval_step compiled once for fixed-shape eval batches."""
-    step = functools.partial(eval_step, graphdef=graphdef, task=task)
-    return jax.jit(step, in_shardings=(params_shardings, batch_sharding))
+    step = functools.partial(eval_step, structure=structure, task=task)
+    shardings = (state_shardings.params, state_shardings.frozen, batch_sharding)
+    return jax.jit(step, in_shardings=shardings)

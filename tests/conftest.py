@@ -1,6 +1,68 @@
-"""Test setup: 8 fake CPU devices, set before jax initialises so every test can build meshes."""
+"""Test setup: 8 fake CPU devices, set before jax initialises so every test can build meshes;
+and the helpers several test files share (import them as `from tests.conftest import ...`)."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main_command(workdir, *flags) -> list[str]:
+    """The command line of `python -m jtrain.main` in workdir with these flags."""
+    return [sys.executable, "-m", "jtrain.main", f"--workdir={workdir}", *flags]
+
+
+def main_env(devices: int = 2) -> dict[str, str]:
+    """The environment of a CLI run on `devices` fake CPU devices."""
+    return {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
+
+
+def run_main(workdir, *flags, timeout=300, devices=2) -> subprocess.CompletedProcess:
+    """Runs the CLI to completion; the result holds its return code, stdout and stderr."""
+    return subprocess.run(
+        main_command(workdir, *flags),
+        cwd=REPO,
+        env=main_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_main(workdir, *flags, devices=2) -> subprocess.Popen:
+    """Starts the CLI in the background (to signal or kill it)."""
+    return subprocess.Popen(
+        main_command(workdir, *flags),
+        cwd=REPO,
+        env=main_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def tiny_config(**overrides):
+    """configs/tiny.py without the end-of-run sample; `section__name=value` overrides."""
+    from jtrain import config as config_lib
+
+    config = config_lib.load(os.path.join(REPO, "configs/tiny.py"))
+    config.eval.sample_tokens = 0
+    for key, value in overrides.items():
+        *sections, name = key.split("__")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    return config
+
+
+def train_losses(workdir) -> dict[int, float]:
+    """The last logged train loss of every step (a resumed run logs some steps twice)."""
+    from jtrain.metrics import read_metrics
+
+    events = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    return {e["step"]: e["loss"] for e in events if e["split"] == "train" and "loss" in e}

@@ -16,10 +16,10 @@ from jtrain import checkpoint, run
 from jtrain import config as config_lib
 from jtrain.experiment import Experiment
 from jtrain.metrics import read_metrics
-from jtrain.models.transformer import TransformerConfig
 from jtrain.tasks.lm import LMTask
+from tests import conftest
+from tests.conftest import REPO, tiny_config, train_losses
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Long enough (a few ms per step) that a kill lands mid-run, between checkpoints.
 RUN_FLAGS = [
     "--config=configs/tiny.py",
@@ -32,11 +32,7 @@ RUN_FLAGS = [
 
 
 def start_main(workdir, *flags):
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "jtrain.main", f"--workdir={workdir}", *RUN_FLAGS, *flags]
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return conftest.start_main(workdir, *RUN_FLAGS, *flags)
 
 
 def finish(proc, timeout=300):
@@ -45,18 +41,12 @@ def finish(proc, timeout=300):
     return out
 
 
-def losses_by_step(workdir) -> dict[int, float]:
-    """The last logged train loss of every step (a resumed run logs some steps twice)."""
-    events = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    return {e["step"]: e["loss"] for e in events if e["split"] == "train" and "loss" in e}
-
-
 def wait_for_step(workdir, step, proc, timeout=120):
     path = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be interrupted"
-        if os.path.exists(path) and max(losses_by_step(workdir) or [0]) >= step:
+        if os.path.exists(path) and max(train_losses(workdir) or [0]) >= step:
             return
         time.sleep(0.02)
     raise TimeoutError(f"step {step} never logged")
@@ -66,7 +56,7 @@ def wait_for_step(workdir, step, proc, timeout=120):
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     finish(start_main(workdir))
-    return losses_by_step(workdir)
+    return train_losses(workdir)
 
 
 def test_sigkill_then_rerun_reproduces_every_loss_bit_for_bit(uninterrupted, tmp_path):
@@ -74,11 +64,11 @@ def test_sigkill_then_rerun_reproduces_every_loss_bit_for_bit(uninterrupted, tmp
     wait_for_step(tmp_path, 40, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = max(losses_by_step(tmp_path))
+    killed_at = max(train_losses(tmp_path))
     assert killed_at < 120
     out = finish(start_main(tmp_path))
     assert "resumed from" in out
-    assert losses_by_step(tmp_path) == uninterrupted  # exact float equality, all 120 steps
+    assert train_losses(tmp_path) == uninterrupted  # exact float equality, all 120 steps
 
 
 def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes(uninterrupted, tmp_path):
@@ -91,43 +81,34 @@ def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes(uninterrupted,
     assert saved in checkpoint.Checkpoints(tmp_path, _ckpt_cfg()).steps()
     out = finish(start_main(tmp_path))
     assert f"at step {saved}" in out
-    assert losses_by_step(tmp_path) == uninterrupted
+    assert train_losses(tmp_path) == uninterrupted
 
 
 def _ckpt_cfg():
     return config_lib.load("configs/tiny.py").checkpoint
 
 
-def tiny(**overrides):
-    config = config_lib.load("configs/tiny.py")
-    config.eval.sample_tokens = 0
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
-
-
 class PoisonedLM(LMTask):
     """The LM loss, made NaN for any batch whose first input token is `poison`."""
 
-    def __init__(self, model_cfg, poison):
-        super().__init__(model_cfg)
+    def __init__(self, config, poison):
+        super().__init__(config)
         self.poison = poison
 
-    def loss(self, model, batch, *, dropout_rng=None):
-        out = super().loss(model, batch, dropout_rng=dropout_rng)
+    def loss(self, model, batch, *, dropout_rng=None, frozen=None):
+        out = super().loss(model, batch, dropout_rng=dropout_rng, frozen=frozen)
         nan_if_poisoned = jnp.where(batch["inputs"][0, 0] == self.poison, jnp.nan, 1.0)
         return out.replace(loss_sum=out.loss_sum * nan_if_poisoned)
 
 
 def test_a_non_finite_step_keeps_params_and_optimizer_state_and_counts_it():
-    config = tiny()
-    task = PoisonedLM(TransformerConfig.from_mapping(config.model), poison=300)
+    config = tiny_config()
+    task = PoisonedLM(config, poison=300)
     exp = Experiment.from_config(config, task=task)
     state = exp.init_state()
     before = jax.device_get(state)
     tokens = np.full((16, 32), 300, np.int32)
-    batch = {"inputs": tokens, "targets": tokens, "mask": np.ones((16, 32), np.float32)}
+    batch = {"inputs": tokens, "targets": tokens, "loss_weight": np.ones((16, 32), np.float32)}
     state, metrics = exp.train_step(state, exp.global_batch(batch))
     after = jax.device_get(state)
     assert float(metrics["nonfinite"]) == 1.0
@@ -142,7 +123,7 @@ def test_a_non_finite_step_keeps_params_and_optimizer_state_and_counts_it():
 
 def _exploding(**overrides):
     # Adam with a huge learning rate and no clipping: finite at step 1, non-finite from step 2.
-    return tiny(
+    return tiny_config(
         optimizer__lr=1e5,
         optimizer__clip_norm=0.0,
         schedule__warmup_steps=0,
@@ -174,7 +155,7 @@ def test_skip_policy_goes_on_and_never_writes_a_non_finite_checkpoint(tmp_path):
 def trained(tmp_path_factory):
     """A finished 20-step tiny run with checkpoints at 10, 15 and 20 (keep=3)."""
     workdir = str(tmp_path_factory.mktemp("trained"))
-    config = tiny(checkpoint__every_steps=5, data__source=tiny().data.source)
+    config = tiny_config(checkpoint__every_steps=5, data__source=tiny_config().data.source)
     run.train_and_evaluate(config, workdir)
     return workdir
 
@@ -191,14 +172,14 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(trained, tmp
     biggest = max(files, key=os.path.getsize)
     with open(biggest, "r+b") as f:
         f.truncate(os.path.getsize(biggest) // 2)
-    exp = Experiment.from_config(tiny())
+    exp = Experiment.from_config(tiny_config())
     ckpts = checkpoint.Checkpoints(workdir, _ckpt_cfg())
     _, _, step = ckpts.restore_latest(exp.abstract_sharded_state())
     assert step == steps[-2]
 
 
 def test_checkpoint_of_another_shape_names_the_mismatched_parameters(trained):
-    exp = Experiment.from_config(tiny(model__d_ff=256))
+    exp = Experiment.from_config(tiny_config(model__d_ff=256))
     ckpts = checkpoint.Checkpoints(trained, _ckpt_cfg())
     with pytest.raises(checkpoint.CheckpointError) as err:
         ckpts.restore_latest(exp.abstract_sharded_state())
@@ -213,9 +194,9 @@ def test_a_different_config_refuses_the_workdir_unless_overwrite(trained, tmp_pa
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained, workdir)
     with pytest.raises(checkpoint.CheckpointError, match=r"model.d_ff: 128 -> 256"):
-        run.train_and_evaluate(tiny(model__d_ff=256), workdir)
+        run.train_and_evaluate(tiny_config(model__d_ff=256), workdir)
     assert checkpoint.Checkpoints(workdir, _ckpt_cfg()).steps()  # nothing was deleted
-    run.train_and_evaluate(tiny(model__d_ff=256, checkpoint__overwrite=True), workdir)
+    run.train_and_evaluate(tiny_config(model__d_ff=256, checkpoint__overwrite=True), workdir)
 
 
 @pytest.mark.parametrize(
@@ -223,11 +204,11 @@ def test_a_different_config_refuses_the_workdir_unless_overwrite(trained, tmp_pa
     [(dict(data=2, fsdp=2, tensor=2), 8), (dict(data=1, fsdp=1, tensor=1), 1)],
 )
 def test_restore_onto_another_mesh_gives_identical_values(trained, mesh, devices):
-    saved_exp = Experiment.from_config(tiny())
+    saved_exp = Experiment.from_config(tiny_config())
     saved, _, step = checkpoint.Checkpoints(trained, _ckpt_cfg()).restore_latest(
         saved_exp.abstract_sharded_state()
     )
-    config = tiny()
+    config = tiny_config()
     config.mesh.update(mesh)
     exp = Experiment.from_config(config, jax.devices()[:devices])
     restored, _, _ = checkpoint.Checkpoints(trained, _ckpt_cfg()).restore_latest(
@@ -240,7 +221,7 @@ def test_restore_onto_another_mesh_gives_identical_values(trained, mesh, devices
 
 
 def test_init_from_loads_parameters_only(trained, tmp_path):
-    exp = Experiment.from_config(tiny())
+    exp = Experiment.from_config(tiny_config())
     source, _, _ = checkpoint.Checkpoints(trained, _ckpt_cfg()).restore_latest(
         exp.abstract_sharded_state()
     )
@@ -248,8 +229,8 @@ def test_init_from_loads_parameters_only(trained, tmp_path):
     for a, b in zip(jax.tree.leaves(source.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     short = dict(train__steps=2, eval__every_steps=1, schedule__warmup_steps=0)
-    results = run.train_and_evaluate(tiny(model__init_from=trained, **short), str(tmp_path))
-    fresh = run.train_and_evaluate(tiny(**short), str(tmp_path / "fresh"))
+    results = run.train_and_evaluate(tiny_config(model__init_from=trained, **short), str(tmp_path))
+    fresh = run.train_and_evaluate(tiny_config(**short), str(tmp_path / "fresh"))
     assert results["val"]["loss"] < fresh["val"]["loss"] - 0.3  # it starts from trained weights
 
 
@@ -263,7 +244,7 @@ def test_keys_added_to_jtrain_after_a_run_do_not_refuse_its_workdir():
 
 
 def _tiny_state():
-    exp = Experiment.from_config(tiny())
+    exp = Experiment.from_config(tiny_config())
     return exp, exp.init_state()
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from jtrain.data import pipeline, sources, tokenizers
+from jtrain.data import pipeline, sources, token_rows, tokenizers
 
 _CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 TOK = tokenizers.ByteTokenizer()
@@ -35,6 +35,12 @@ def make_config(batch_size=4, seq_len=32, seed=0, eval_steps=-1, packing=True, s
     return config
 
 
+def split_stream(split):
+    """The pydoc_topics split as one byte-token stream (BOS ... EOS per document)."""
+    spec = sources.SourceSpec("named", "pydoc_topics")
+    return sources.load_documents(spec, split, "byte", "text").stream
+
+
 def take(iterator, n):
     return list(itertools.islice(iterator, n))
 
@@ -48,7 +54,7 @@ def assert_batches_equal(a, b):
 
 
 def train_stream():
-    return pipeline._split_stream("pydoc_topics", "byte", "train")
+    return split_stream("train")
 
 
 def find_row(stream_bytes, row):
@@ -125,11 +131,7 @@ def test_pydoc_topics_no_shared_paragraphs_across_splits():
     assert not paragraphs(docs["val"]) & paragraphs(docs["test"])
 
 
-def test_token_stream():
-    stream = pipeline.token_stream(["ab", "é"], TOK)
-    np.testing.assert_array_equal(stream, [257, 97, 98, 258, 257, 0xC3, 0xA9, 258])
-    assert stream.dtype == np.int32
-    assert pipeline.token_stream([], TOK).shape == (0,)
+def test_split_token_counts():
     counts = pipeline.split_token_counts(make_config())
     for split, docs in sources.pydoc_topics().items():
         assert counts[split] == sum(len(d.encode()) + 2 for d in docs)
@@ -142,12 +144,14 @@ def test_train_batches_shapes_and_shift():
     config = make_config(batch_size=4, seq_len=32, packing=False)
     stream_bytes = train_stream().astype("<i4").tobytes()
     for batch in take(pipeline.make_train_iterator(config), 5):
-        assert set(batch) == {"inputs", "targets", "mask"}
-        assert batch["inputs"].shape == batch["targets"].shape == batch["mask"].shape == (4, 32)
+        assert set(batch) == {"inputs", "targets", "loss_weight"}
+        assert (
+            batch["inputs"].shape == batch["targets"].shape == batch["loss_weight"].shape == (4, 32)
+        )
         assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
-        assert batch["mask"].dtype == np.float32
+        assert batch["loss_weight"].dtype == np.float32
         np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
-        np.testing.assert_array_equal(batch["mask"], 1.0)  # no PAD in the train stream
+        np.testing.assert_array_equal(batch["loss_weight"], 1.0)  # no PAD in the train stream
         for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True):
             row = np.concatenate([inputs, targets[-1:]])
             assert find_row(stream_bytes, row) >= 0  # a real slice of the train stream
@@ -166,7 +170,7 @@ def test_train_epochs_cover_rows_in_new_order_and_offset():
     row_len = seq_len + 1
     stream = train_stream()
     stream_bytes = stream.astype("<i4").tobytes()
-    rows_per_epoch = pipeline.train_rows_per_epoch(stream.size, seq_len)
+    rows_per_epoch = token_rows.train_rows_per_epoch(stream.size, seq_len)
     num_batches = -(-epochs * rows_per_epoch // batch_size)
     config = make_config(batch_size, seq_len, packing=False)
     batches = take(pipeline.make_train_iterator(config), num_batches)
@@ -227,12 +231,17 @@ def test_train_state_restore_mid_epoch(packing, prefetch):
 @pytest.mark.parametrize("split", sources.SPLITS)
 def test_eval_covers_split_once(split):
     config = make_config(batch_size=8, seq_len=100, packing=False)
-    stream = pipeline._split_stream("pydoc_topics", "byte", split)
+    stream = split_stream(split)
     batches = list(pipeline.eval_batches(config, split))
     for batch in batches:
-        assert batch["inputs"].shape == batch["targets"].shape == batch["mask"].shape == (8, 100)
-        assert batch["inputs"].dtype == np.int32 and batch["mask"].dtype == np.float32
-    mask = np.concatenate([b["mask"] for b in batches]).reshape(-1)
+        assert (
+            batch["inputs"].shape
+            == batch["targets"].shape
+            == batch["loss_weight"].shape
+            == (8, 100)
+        )
+        assert batch["inputs"].dtype == np.int32 and batch["loss_weight"].dtype == np.float32
+    mask = np.concatenate([b["loss_weight"] for b in batches]).reshape(-1)
     targets = np.concatenate([b["targets"] for b in batches]).reshape(-1)
     assert mask.sum() == stream.size - 1  # every token after the first is predicted once
     np.testing.assert_array_equal(targets[mask > 0], stream[1:])
@@ -348,7 +357,9 @@ def prepared(tmp_path_factory):
 
 def segments(batch):
     """Yields each packed segment's tokens: its inputs, and its last target if in the same."""
-    rows = zip(batch["inputs"], batch["targets"], batch["segment_ids"], batch["mask"], strict=True)
+    rows = zip(
+        batch["inputs"], batch["targets"], batch["segment_ids"], batch["loss_weight"], strict=True
+    )
     for inputs, targets, seg, mask in rows:
         for s in np.unique(seg[seg > 0]):
             where = np.flatnonzero(seg == s)
@@ -357,7 +368,7 @@ def segments(batch):
 
 
 def assert_covers_once(batches, docs):
-    mask = np.concatenate([b["mask"] for b in batches]).reshape(-1)
+    mask = np.concatenate([b["loss_weight"] for b in batches]).reshape(-1)
     targets = np.concatenate([b["targets"] for b in batches]).reshape(-1)
     assert mask.sum() == sum(d.size - 1 for d in docs)  # every target token exactly once
     expected = np.bincount(np.concatenate([d[1:] for d in docs]), minlength=TOK.vocab_size)
@@ -388,7 +399,7 @@ def test_prepared_source_unpacked(prepared):
         for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True):
             assert find_row(stream_bytes, np.append(inputs, targets[-1])) >= 0
     batches = list(pipeline.eval_batches(config, "val"))
-    mask = np.concatenate([b["mask"] for b in batches]).reshape(-1)
+    mask = np.concatenate([b["loss_weight"] for b in batches]).reshape(-1)
     targets = np.concatenate([b["targets"] for b in batches]).reshape(-1)
     np.testing.assert_array_equal(targets[mask > 0], np.concatenate(docs["val"])[1:])
 
@@ -419,7 +430,7 @@ def test_files_source(tmp_path, caplog):
         by_split[sources.split_of(hashlib.sha256(text.encode()).hexdigest())].append(text)
     assert counts == {s: sum(len(t.encode()) + 2 for t in by_split[s]) for s in sources.SPLITS}
     batch = next(pipeline.make_train_iterator(config))
-    assert batch["mask"].sum() > 0
+    assert batch["loss_weight"].sum() > 0
     val_docs = [TOK.encode(t) for t in by_split["val"]]
     assert_covers_once(list(pipeline.eval_batches(config, "val")), val_docs)
 
@@ -487,7 +498,7 @@ def test_packed_eval_covers_every_target_once(split):
     config = make_config(batch_size=6, seq_len=100)
     batches = list(pipeline.eval_batches(config, split))
     for batch in batches:
-        assert set(batch) == {"inputs", "targets", "mask", "segment_ids", "positions"}
+        assert set(batch) == {"inputs", "targets", "loss_weight", "segment_ids", "positions"}
         assert all(v.shape == (6, 100) for v in batch.values())
     assert_covers_once(batches, [TOK.encode(t) for t in sources.pydoc_topics()[split]])
     assert_batches_equal(batches, list(pipeline.eval_batches(config, split)))
@@ -505,7 +516,7 @@ def test_packed_train_rows():
     batches = take(pipeline.make_train_iterator(config), 20)
     stream_bytes = train_stream().astype("<i4").tobytes()
     for batch in batches:
-        seg, pos, mask = batch["segment_ids"], batch["positions"], batch["mask"]
+        seg, pos, mask = batch["segment_ids"], batch["positions"], batch["loss_weight"]
         starts = np.diff(seg, axis=1, prepend=0) != 0
         np.testing.assert_array_equal(pos == 0, starts | (seg == 0))  # positions restart
         # No loss across a boundary or on padding (the last column's target is not in the

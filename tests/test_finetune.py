@@ -17,20 +17,10 @@ from jtrain import config as config_lib
 from jtrain import export, run
 from jtrain.data import pipeline, sources
 from jtrain.metrics import read_metrics
+from tests.conftest import REPO, tiny_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(**overrides):
-    config = config_lib.load(os.path.join(REPO, "configs/tiny.py"))
-    config.eval.sample_tokens = 0
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
 
 
 def _torch_logits(model, tokens):
@@ -68,7 +58,7 @@ def finetuned(llama_dir, tmp_path_factory):
     """Four steps of fine-tuning the Hugging Face model on the embedded corpus."""
     path, _ = llama_dir
     workdir = str(tmp_path_factory.mktemp("finetuned"))
-    config = tiny(
+    config = tiny_config(
         model__init_from=f"hf:{path}",
         train__steps=4,
         eval__every_steps=2,
@@ -101,8 +91,8 @@ def _transformers_val_loss(model, config) -> float:
             torch.tensor(batch["targets"]).reshape(-1).long(),
             reduction="none",
         ).numpy()
-        nll_sum += float(np.sum(nll * batch["mask"].reshape(-1)))
-        weight += float(batch["mask"].sum())
+        nll_sum += float(np.sum(nll * batch["loss_weight"].reshape(-1)))
+        weight += float(batch["loss_weight"].sum())
     return nll_sum / weight
 
 
@@ -118,7 +108,7 @@ def test_step_zero_validation_is_the_hugging_face_models_loss(finetuned, llama_d
 
 def test_a_lora_run_exports_merged_with_the_adapted_models_loss(llama_dir, tmp_path):
     path, _ = llama_dir
-    config = tiny(
+    config = tiny_config(
         model__init_from=f"hf:{path}",
         train__steps=3,
         eval__every_steps=3,
@@ -174,9 +164,9 @@ def test_export_of_an_earlier_step_and_refusals(finetuned, tmp_path):
 def test_unsupported_hugging_face_architecture_is_a_config_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon"}))
     with pytest.raises(config_lib.ConfigError, match="model_type 'falcon' is not supported"):
-        config_lib.prepare(tiny(model__init_from=f"hf:{tmp_path}"))
+        config_lib.prepare(tiny_config(model__init_from=f"hf:{tmp_path}"))
     with pytest.raises(config_lib.ConfigError, match="not a Hugging Face model directory"):
-        config_lib.prepare(tiny(model__init_from=f"hf:{tmp_path}/missing"))
+        config_lib.prepare(tiny_config(model__init_from=f"hf:{tmp_path}/missing"))
 
 
 def test_python_stdlib_corpus_is_split_by_module():
@@ -210,10 +200,10 @@ def test_hf_init_from_takes_the_directorys_tokenizer_unless_one_is_set(llama_dir
     )
     tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainer=trainer)
     tok.save(os.path.join(path, "tokenizer.json"))
-    config = tiny(model__init_from=f"hf:{path}")
+    config = tiny_config(model__init_from=f"hf:{path}")
     changes = config_lib.prepare(config)
     assert config.data.tokenizer == path and f"data.tokenizer: 'byte' -> {path!r}" in changes
-    config = tiny(
+    config = tiny_config(
         model__init_from=f"hf:{path}", data__tokenizer=os.path.join(path, "tokenizer.json")
     )
     config_lib.prepare(config)  # a tokenizer the user named is kept

@@ -21,21 +21,14 @@ from jtrain.experiment import Experiment
 from jtrain.metrics import read_metrics
 from jtrain.models import lora
 from jtrain.models.transformer import Transformer, TransformerConfig
+from jtrain.state import BASE
+from tests.conftest import tiny_config, train_losses
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 
 
 def tiny(rank=4, **overrides):
-    config = config_lib.load(os.path.join(REPO, "configs/tiny.py"))
-    config.model.lora.rank = rank
-    config.eval.sample_tokens = 0
-    config.eval.steps = 1
-    config.train.log_every = 1
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
+    return tiny_config(model__lora__rank=rank, eval__steps=1, train__log_every=1, **overrides)
 
 
 def _nbytes(tree) -> int:
@@ -266,9 +259,9 @@ def test_int8_base_is_close_to_the_float_base_and_a_third_of_its_kernels(trained
     config.model.lora.base_dtype = "int8"
     exp8 = Experiment.from_config(config)
     base = pretrained.load(config.model.init_from, exp8.abstract_base)
-    frozen8 = exp8.init_frozen(base=base)  # the same base, quantized
+    frozen8 = exp8.init_state(base=base).frozen[BASE]  # the same base, quantized
     kernels8 = nnx.state(frozen8, lora.Frozen)
-    kernels = nnx.state(initial.frozen, lambda path, _: path[-1] in lora.KERNEL_NAMES)
+    kernels = nnx.state(initial.frozen[BASE], lambda path, _: path[-1] in lora.KERNEL_NAMES)
     assert _nbytes(kernels8) < 0.3 * _nbytes(kernels)  # int8 + one f32 scale per column
     model_params8 = nnx.merge_state(initial.params, frozen8)
     logits = _logits(initial.model_params, tokens, graphdef=exp.graphdef)
@@ -279,11 +272,6 @@ def test_int8_base_is_close_to_the_float_base_and_a_third_of_its_kernels(trained
     merged = lora.merge(nnx.merge(exp8.graphdef, model_params8))
     merged_logits = _logits(nnx.state(merged), tokens, graphdef=nnx.graphdef(merged))
     np.testing.assert_allclose(merged_logits, logits8, atol=1e-5)
-
-
-def _train_losses(workdir) -> dict[int, float]:
-    events = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    return {e["step"]: e["loss"] for e in events if e["split"] == "train" and "loss" in e}
 
 
 def _dir_bytes(path) -> int:
@@ -308,5 +296,5 @@ def test_lora_from_a_trained_run_checkpoints_adapters_only_and_resumes_exactly(
     # Resumed at STEPS // 2, the base rebuilt from init_from: the losses of an uninterrupted
     # run (the fixture's, stepped directly on the same batches), bit for bit.
     run.train_and_evaluate(lora_config(base_workdir), workdir)
-    resumed = _train_losses(workdir)
+    resumed = train_losses(workdir)
     assert [resumed[step] for step in range(1, STEPS + 1)] == losses

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from jtrain.metrics import read_metrics
+from tests.conftest import REPO, main_command, main_env, train_losses
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [
     "--config=configs/tiny.py",
     "--config.train.log_every=1",
@@ -32,8 +32,8 @@ def _free_port() -> int:
 
 
 def _start(workdir, devices: int, *flags, process: tuple[int, int] | None = None):
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "jtrain.main", f"--workdir={workdir}", *FLAGS, *flags]
+    env = main_env(devices)
+    cmd = main_command(workdir, *FLAGS, *flags)
     if process is not None:
         port, pid = process
         cmd += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
@@ -57,11 +57,6 @@ def _finish(procs, timeout=240) -> list[str]:
     return outs
 
 
-def _losses(workdir) -> dict[int, float]:
-    events = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    return {e["step"]: e["loss"] for e in events if e["split"] == "train" and "loss" in e}
-
-
 def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
     steps = "--config.train.steps=6"
     _finish([_start(tmp_path / "one", 4, steps)])
@@ -72,7 +67,7 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert sorted(two) == list(range(1, 7))
     # Same global mesh and batch; only the cross-process all-reduce (Gloo) may sum in
     # another order, which moves float32 results by a few ulps at most.
@@ -86,7 +81,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     flags = ["--config.train.steps=400", "--config.checkpoint.every_steps=100"]
     procs = _start_pair(tmp_path, *flags)
     deadline = time.time() + 180
-    while not (tmp_path / "metrics.jsonl").exists() or max(_losses(tmp_path), default=0) < 8:
+    while not (tmp_path / "metrics.jsonl").exists() or max(train_losses(tmp_path), default=0) < 8:
         assert time.time() < deadline and all(p.poll() is None for p in procs), "no step 8"
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)  # a scheduler preempting one host
@@ -99,4 +94,4 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     # Both processes resume from that step (train.steps may grow on resume).
     outs = _finish(_start_pair(tmp_path, f"--config.train.steps={step + 2}"))
     assert all(f"at step {step}" in out for out in outs)
-    assert max(_losses(tmp_path)) == step + 2
+    assert max(train_losses(tmp_path)) == step + 2

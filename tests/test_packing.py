@@ -80,13 +80,13 @@ def test_packed_batch_segments_positions_and_mask():
         batch["inputs"][0], np.concatenate([docs[0], docs[1], docs[2]])[:-1]
     )
     # A target counts only inside its input's document: not across a boundary.
-    np.testing.assert_array_equal(batch["mask"][0], [1] * 4 + [0] + [1] * 8 + [0] + [1] * 2)
+    np.testing.assert_array_equal(batch["loss_weight"][0], [1] * 4 + [0] + [1] * 8 + [0] + [1] * 2)
     np.testing.assert_array_equal(batch["segment_ids"][1], [1] * 12 + [0] * 4)
     np.testing.assert_array_equal(batch["positions"][1], [*range(12), 0, 0, 0, 0])
-    np.testing.assert_array_equal(batch["mask"][1], [1] * 11 + [0] * 5)
+    np.testing.assert_array_equal(batch["loss_weight"][1], [1] * 11 + [0] * 5)
     np.testing.assert_array_equal(batch["targets"][1, 11:], PAD)
     # Every target token of every document exactly once.
-    assert batch["mask"].sum() == sum(d.size - 1 for d in docs)
+    assert batch["loss_weight"].sum() == sum(d.size - 1 for d in docs)
 
 
 def test_packed_row_gives_each_document_its_own_loss():
@@ -108,7 +108,7 @@ def test_packed_row_gives_each_document_its_own_loss():
     packed = token_nll(
         params, batch["inputs"], batch["targets"], batch["positions"], batch["segment_ids"]
     )
-    packed = np.asarray(packed) * batch["mask"]
+    packed = np.asarray(packed) * batch["loss_weight"]
     # Each document alone in its own row, from position 0 with no segment ids; the PAD after
     # it cannot reach its tokens through causal attention.
     alone = np.full((len(docs), seq_len + 1), PAD, dtype=np.int32)

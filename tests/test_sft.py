@@ -12,8 +12,11 @@ import pytest
 import tokenizers as hf
 
 from configs import tiny
-from jtrain.data import chat, docstrings, packing, pipeline, sft, sources, tokenizers
+from jtrain.data import docstrings, packing, pipeline, sources, tokenizers
 from jtrain.data.documents import WeightedDocuments
+from jtrain.tasks import chat
+from jtrain.tasks import sft_examples as sft
+from jtrain.tasks.sft import SFTTask
 
 BYTE = tokenizers.ByteTokenizer()
 CHATML = (
@@ -218,7 +221,7 @@ def test_template_that_rewrites_earlier_turns_is_a_bad_record(hf_dir, tmp_path, 
         tmp_path / "c.jsonl", [{"messages": CONVERSATION}, {"messages": starts_with_answer}]
     )
     item = sources.SourceSpec("files", str(data))
-    with caplog.at_level(logging.WARNING, logger="jtrain.data.sft"):
+    with caplog.at_level(logging.WARNING, logger="jtrain"):
         for template_spec in (str(path), "tokenizer"):
             docs = [
                 sft.load_examples(item, s, str(hf_dir), template_spec, 64)
@@ -241,17 +244,19 @@ def test_packed_rows_keep_each_examples_mask_and_segments():
         plan, range(plan.num_rows), docs.doc, seq_len, BYTE.pad_id, docs.doc_weights
     )
     batch = packing.to_batch(rows)
-    assert "loss_mask" not in batch  # folded into mask; the step sees the usual keys
+    assert "weights" not in batch  # folded into mask; the step sees the usual keys
     for r in range(plan.num_rows):
         for segment, j in enumerate(range(plan.row_starts[r], plan.row_starts[r + 1]), start=1):
             d = int(plan.doc[j])
             at = batch["segment_ids"][r] == segment
             np.testing.assert_array_equal(batch["positions"][r][at], np.arange(at.sum()))
             # Its own response and EOS, nothing of its neighbours (such as their BOS).
-            targets = batch["targets"][r][at][batch["mask"][r][at] > 0]
+            targets = batch["targets"][r][at][batch["loss_weight"][r][at] > 0]
             assert BYTE.decode(targets) == records[d]["response"]
             np.testing.assert_array_equal(targets, masked_targets(docs.doc(d), docs.doc_weights(d)))
-    assert batch["mask"].sum() == sum(docs.doc_weights(i)[1:].sum() for i in range(len(docs)))
+    assert batch["loss_weight"].sum() == sum(
+        docs.doc_weights(i)[1:].sum() for i in range(len(docs))
+    )
 
 
 def test_bad_records_are_skipped_and_counted_with_file_line(tmp_path, caplog):
@@ -270,15 +275,15 @@ def test_bad_records_are_skipped_and_counted_with_file_line(tmp_path, caplog):
             {"messages": CONVERSATION},
         ],
     )
-    with caplog.at_level(logging.WARNING, logger="jtrain.data.sft"):
+    with caplog.at_level(logging.WARNING, logger="jtrain"):
         docs = [
             sft.load_examples(sources.SourceSpec("files", str(path)), s, "byte", "builtin", 64)
             for s in sources.SPLITS
         ]
     assert sum(len(d) for d in docs) == 2
-    [message] = [r.getMessage() for r in caplog.records if "bad records" in r.getMessage()]
-    assert "skipped 8 bad records" in message
-    for kind in ("malformed JSON: 1", "missing field: 2", "non-string field: 1", "unknown role: 1"):
+    [message] = [r.getMessage() for r in caplog.records if "skipped 8" in r.getMessage()]
+    assert "skipped 8 records" in message  # "{not json" and [1, 2] are both malformed
+    for kind in ("malformed: 2", "missing field: 2", "non-string field: 1", "unknown role: 1"):
         assert kind in message
     assert "no assistant turn: 1" in message and "empty content: 1" in message
     assert f"{path}:2: " in message and f"{path}:3: " in message
@@ -292,7 +297,7 @@ def test_long_examples_truncated_and_empty_ones_dropped(tmp_path, caplog):
     ]
     path = write_jsonl(tmp_path / "long.jsonl.gz", records)
     item = sources.SourceSpec("files", str(path))
-    with caplog.at_level(logging.WARNING, logger="jtrain.data.sft"):
+    with caplog.at_level(logging.WARNING, logger="jtrain"):
         docs = [sft.load_examples(item, s, "byte", "builtin", 40) for s in sources.SPLITS]
     assert sum(len(d) for d in docs) == 2
     assert max(int(d.lengths.max(initial=0)) for d in docs) == 41
@@ -306,11 +311,11 @@ def test_eval_counts_every_response_token_once(tmp_path, packed):
     path = write_jsonl(tmp_path / "qa.jsonl", qa_records(120, long_every=9))
     config = sft_config(f"files:{path}", seq_len=48, batch_size=8, packing_=packed)
     for split in ("val", "test"):
-        docs = pipeline._split_documents(pipeline._settings(config, 0, 1), split)
+        docs = pipeline._split_examples(pipeline._settings(config, 0, 1), split)
         expected = sum(int(docs.doc_weights(i)[1:].sum()) for i in range(len(docs)))
         batches = list(pipeline.eval_batches(config, split))
         assert expected > 0 and {b["inputs"].shape for b in batches} == {(8, 48)}
-        assert sum(b["mask"].sum() for b in batches) == expected
+        assert sum(b["loss_weight"].sum() for b in batches) == expected
         if not packed:  # one example per row
             assert len(batches) == math.ceil(len(docs) / 8)
             assert all((b["segment_ids"] <= 1).all() for b in batches)
@@ -330,10 +335,10 @@ def test_train_iterator_state_round_trip(tmp_path, packed):
         assert a.keys() == b.keys() == first[0].keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    assert all(b["mask"].sum() > 0 for b in first)
+    assert all(b["loss_weight"].sum() > 0 for b in first)
     # Training masks only response tokens: no masked target is a prompt's byte.
     for batch in expected:
-        text = BYTE.decode(batch["targets"][batch["mask"] > 0])
+        text = BYTE.decode(batch["targets"][batch["loss_weight"] > 0])
         assert "Add " not in text and "Sum " not in text and "User" not in text
 
 
@@ -362,7 +367,7 @@ def test_config_validation_names_the_key(change, match):
     for key, value in change.items():
         config.data[key] = value
     with pytest.raises(ValueError, match=match):
-        pipeline.validate_data_config(config)
+        SFTTask.validate(config)
 
 
 def test_config_validation_of_template_files(hf_dir, tmp_path):
@@ -383,12 +388,14 @@ def test_config_validation_of_template_files(hf_dir, tmp_path):
     for tok, template, match in cases:
         config = sft_config("python_docstrings", tok=tok, template=template)
         with pytest.raises(ValueError, match=match) as err:
-            pipeline.validate_data_config(config)
+            SFTTask.validate(config)
         assert "data.chat_template=" in str(err.value)
     config = sft_config("python_docstrings", template="nope")
     with pytest.raises(config_lib.ConfigError, match="config.data.chat_template='nope'"):
         config_lib.validate(config)
-    pipeline.validate_data_config(sft_config("python_docstrings", tok=hf_dir, template="tokenizer"))
+    config = sft_config("python_docstrings", tok=hf_dir, template="tokenizer")
+    config.model.vocab_size = 512  # the tokenizer's 400 ids fit
+    SFTTask.validate(config)
 
 
 def test_train_and_evaluate_sft_end_to_end(tmp_path, capsys):
@@ -404,9 +411,9 @@ def test_train_and_evaluate_sft_end_to_end(tmp_path, capsys):
     config.eval.sample_prompt = "Add 2 and 2."
     config.checkpoint.every_steps = 0
     results = run.train_and_evaluate(config, str(tmp_path / "run"))
-    docs = pipeline._split_documents(pipeline._settings(config, 0, 1), "val")
+    docs = pipeline._split_examples(pipeline._settings(config, 0, 1), "val")
     response_targets = sum(int(docs.doc_weights(i)[1:].sum()) for i in range(len(docs)))
     assert math.isfinite(results["val"]["loss"]) and 0 <= results["val"]["accuracy"] <= 1
     # The whole split was evaluated, and only its response tokens were counted.
-    assert results["val"]["tokens"] == response_targets < docs.num_tokens - len(docs)
+    assert results["val"]["loss_weight"] == response_targets < docs.num_tokens - len(docs)
     assert "Add 2 and 2.\n-> " in capsys.readouterr().out  # the sample went through the template

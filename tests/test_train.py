@@ -3,22 +3,13 @@ bad configs fail at once with messages that say what to do."""
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from jtrain import config as config_lib
 from jtrain.metrics import read_metrics
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_main(workdir, *flags, timeout=300):
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "jtrain.main", f"--workdir={workdir}", *flags]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+from tests.conftest import run_main
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +73,11 @@ def test_bad_value_fails_before_compiling_and_says_what_is_allowed(tmp_path):
     [
         ("model.n_kv_heads", 3, "must divide model.n_heads=8"),
         ("train.microbatches", 3, "must divide train.batch_size=16"),
-        ("schedule.warmup_steps", 50, "between 0 and train.steps=20"),
+        ("schedule.warmup_steps", -1, "must be >= 0"),
+        ("model.kind", "lstm", "allowed: transformer"),
+        ("task", "dpo", "allowed: lm, sft, or module.path:ClassName"),
+        ("task", "no_such_module:MyTask", "cannot import 'no_such_module'"),
+        ("eval.split", "train", "allowed: val, test"),
         ("model.dtype", "float16", "allowed: float32, bfloat16"),
         ("model.vocab_size", 100, "at least the tokenizer's vocabulary size (259)"),
         ("mesh.rules.embed", "fsdb", "unknown mesh axes ['fsdb']"),
@@ -91,11 +86,19 @@ def test_bad_value_fails_before_compiling_and_says_what_is_allowed(tmp_path):
 )
 def test_validate_names_key_value_and_what_is_allowed(key, value, message):
     config = config_lib.load("configs/tiny.py")
-    section, name = key.rsplit(".", 1)
+    section, _, name = key.rpartition(".")
     node = config
-    for part in section.split("."):
+    for part in filter(None, section.split(".")):
         node = node[part]
     node[name] = value
     with pytest.raises(config_lib.ConfigError, match=f"config.{key}") as err:
         config_lib.validate(config)
     assert message in str(err.value)
+
+
+def test_a_short_run_needs_no_other_override(capsys):
+    # The default warms up over 50 steps; a 20-step run must still validate, with a note.
+    config = config_lib.load("configs/default.py")
+    config.train.steps = 20
+    config_lib.validate(config)
+    assert "warming up over 2 steps" in capsys.readouterr().out

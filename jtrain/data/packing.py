@@ -10,7 +10,7 @@ targets tokens[1:]; a target counts (mask 1) only where it is in the same segmen
 input, so no loss crosses a document boundary or lands on padding.
 
 Weighted documents (SFT examples, never longer than a row) also carry a per-token loss
-weight: rows then hold a `loss_mask` beside the tokens, and a target counts only where its
+weight: rows then hold a `weights` beside the tokens, and a target counts only where its
 weight is 1 as well. Plain documents have no such row, so their batches are unchanged.
 
 Plans depend only on document lengths, so a process reads only the documents of its own rows.
@@ -163,7 +163,7 @@ def build_row(
 ) -> Batch:
     """Returns row `row` of `plan` as int32 tokens, segment_ids, positions [seq_len + 1].
 
-    With `get_weights` (a document's per-token loss weights) the row also has `loss_mask`.
+    With `get_weights` (a document's per-token loss weights) the row also has `weights`.
     """
     out = padding_row(seq_len, pad_id, weighted=get_weights is not None)
     at = 0
@@ -174,7 +174,7 @@ def build_row(
         out["segment_ids"][at : at + n] = segment
         out["positions"][at : at + n] = np.arange(n)
         if get_weights is not None:
-            out["loss_mask"][at : at + n] = get_weights(int(plan.doc[j]))[start : start + n]
+            out["weights"][at : at + n] = get_weights(int(plan.doc[j]))[start : start + n]
         at += n
     return out
 
@@ -187,24 +187,24 @@ def padding_row(seq_len: int, pad_id: int, weighted: bool = False) -> Batch:
         "positions": np.zeros(seq_len + 1, dtype=np.int32),
     }
     if weighted:
-        row["loss_mask"] = np.zeros(seq_len + 1, dtype=np.float32)
+        row["weights"] = np.zeros(seq_len + 1, dtype=np.float32)
     return row
 
 
 def to_batch(rows: Batch) -> Batch:
-    """Turns packed rows [b, L + 1] into inputs, targets, mask, segment_ids, positions [b, L].
+    """Packed rows [b, L + 1] -> inputs, targets, loss_weight, segment_ids, positions [b, L].
 
-    A row's `loss_mask` (weighted documents) multiplies the mask at each target token.
+    A row's `weights` (weighted documents) multiplies the loss weight at each target token.
     """
     tokens, segment_ids = rows["tokens"], rows["segment_ids"]
     same = segment_ids[:, 1:] == segment_ids[:, :-1]
     mask = (same & (segment_ids[:, :-1] > 0)).astype(np.float32)
-    if "loss_mask" in rows:
-        mask *= rows["loss_mask"][:, 1:]
+    if "weights" in rows:
+        mask *= rows["weights"][:, 1:]
     return {
         "inputs": np.ascontiguousarray(tokens[:, :-1]),
         "targets": np.ascontiguousarray(tokens[:, 1:]),
-        "mask": mask,
+        "loss_weight": mask,
         "segment_ids": np.ascontiguousarray(segment_ids[:, :-1]),
         "positions": np.ascontiguousarray(rows["positions"][:, :-1]),
     }

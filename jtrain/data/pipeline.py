@@ -1,28 +1,21 @@
-"""Grain input pipelines for language modelling on one source or a weighted mixture.
+"""Grain input pipelines: sources -> the task's examples -> rows -> batches -> this process.
 
-`config.data.source` names the documents (see `sources.parse_spec`); each source yields an
-endless stream of rows of seq_len + 1 tokens:
-
-- packed (`data.packing=True`): whole documents packed into rows with segment ids and
-  positions (see `packing`), re-planned every epoch from the seed;
-- unpacked: the documents as one BOS ... EOS stream, cut into non-overlapping rows at an offset
-  that changes every epoch, rows shuffled per epoch.
-
-With `task="sft"` the documents are chat examples with a loss weight per token (see `sft`):
-packed whole (an example never spans rows), or one per row without packing; a target counts
-only where it is a response token, in training and evaluation alike.
+`config.data.source` names one source or a weighted mixture; the task parses it and turns each
+source's split into an example set (`Task.source_specs`, `Task.examples`): token documents or
+fixed-shape arrays. The example set's registered row builder (`jtrain.data.rows`) makes its
+endless training rows and its evaluation batches; everything else here is the same for every
+kind of data.
 
 A mixture interleaves the sources' rows deterministically in proportion to their weights
-(`grain.MapDataset.mix`), so weights are fractions of rows, i.e. of tokens. Rows are batched
-with Grain, built in worker processes when `data.workers > 0` (`mp_prefetch`) and prefetched
-in a background thread when `data.prefetch > 0`; every variant has the same batches and a
-checkpointable state (`get_state`/`set_state`). Evaluation walks a split once, in order, with
-fixed batch shapes; for a mixture it walks the concatenation of the sources' splits in spec
-order.
+(`grain.MapDataset.mix`), so weights are fractions of rows. Rows are batched with Grain, built
+in worker processes when `data.workers > 0` (`mp_prefetch`) and prefetched in a background
+thread when `data.prefetch > 0`; every variant has the same batches and a checkpointable state
+(`get_state`/`set_state`). Evaluation walks a split once, in order, with fixed batch shapes;
+for a mixture it walks the concatenation of the sources' splits in spec order.
 
 Batches are numpy dicts of the process-local batch: rows [p*b, (p+1)*b) of the global batch,
 with b = train.batch_size // process_count, so the global batch at a step does not depend on
-how many processes read it, and each process reads only the documents of its own rows.
+how many processes read it, and each process reads only the examples of its own rows.
 """
 
 from __future__ import annotations
@@ -30,17 +23,18 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import gc
-import hashlib
 import weakref
 from collections.abc import Iterator
 
 import grain
 import numpy as np
 
-from jtrain.data import packing, sft, sources, tokenizers
-from jtrain.data.documents import ConcatDocuments, Documents
+from jtrain import tasks
+from jtrain.data import rows as row_kinds
+from jtrain.data import sources, tokenizers
+from jtrain.tasks.base import Task
 
-Batch = dict[str, np.ndarray]  # inputs, targets: int32[b, L]; mask: float32[b, L]
+Batch = dict[str, np.ndarray]  # inputs, targets: int32[b, L]; loss_weight: float32[b, L]
 # With packing also segment_ids, positions: int32[b, L].
 
 # Building a row is microseconds of numpy: reading in the calling thread beats a thread pool,
@@ -52,7 +46,6 @@ _DEFAULTS = {
     "workers": 0,
     "prefetch": 2,
     "text_field": "text",
-    "chat_template": "builtin",
 }
 # Iterators still open at exit are closed, and dropped ones collected, while the interpreter is
 # whole: Grain's prefetch iterators left to `__del__` during shutdown fail noisily.
@@ -70,27 +63,17 @@ def _close_open_iterators() -> None:
 class _Settings:
     """The validated config fields the pipelines read."""
 
+    task: Task
     specs: tuple[sources.SourceSpec, ...]
-    sft: bool  # task == "sft": documents are chat examples with loss weights
-    chat_template: str
     source: str
-    tokenizer: str
-    pad_id: int
-    text_field: str
-    packing: bool
+    rows: row_kinds.RowSettings
     workers: int
     prefetch: int
     seed: int
-    seq_len: int
     global_batch: int
     local_batch: int
     process_index: int
     process_count: int
-
-    @property
-    def segmented(self) -> bool:
-        """Rows built by jtrain.data.packing: packed documents, or one SFT example a row."""
-        return self.packing or self.sft
 
 
 def _data_key(config, key: str):
@@ -117,30 +100,22 @@ def _get_tokenizer(spec) -> tokenizers.Tokenizer:
         raise ValueError(f"data.tokenizer={spec!r} cannot be loaded: {message}.") from None
 
 
-def validate_data_config(config) -> None:
+def validate_data_config(config, task: Task | None = None) -> None:
     """Raises a ValueError naming the `data.*` key whose value cannot work (fast: no reads)."""
-    _validated(config)
+    _validated(config, task or tasks.get(config))
 
 
-def _is_sft(config) -> bool:
-    return config.get("task") == "sft"
-
-
-def _validated(config) -> tuple[tuple[sources.SourceSpec, ...], tokenizers.Tokenizer]:
+def _validated(config, task: Task) -> tuple[tuple[sources.SourceSpec, ...], tokenizers.Tokenizer]:
     tokenizer = _get_tokenizer(config.data.tokenizer)
-    if _is_sft(config):
-        template = _data_key(config, "chat_template")
-        specs = sft.validate(config.data.source, config.data.tokenizer, template)
-    else:
-        specs = sources.parse_spec(config.data.source)
+    specs = task.source_specs(config.data.source)
     for spec in specs:
         if spec.kind == "prepared":
             manifest = sources.read_manifest(config.data.source, spec.target)
             sources.check_tokenizer(
                 config.data.source, spec.target, manifest, config.data.tokenizer, tokenizer
             )
-        elif spec.kind == "files":
-            sources.text_files(config.data.source, spec.target)
+        else:
+            sources.check(spec, config.data.source)
     packing_ = _data_key(config, "packing")
     if not isinstance(packing_, (bool, np.bool_)):
         raise ValueError(f"data.packing must be True or False, got {packing_!r}.")
@@ -152,8 +127,11 @@ def _validated(config) -> tuple[tuple[sources.SourceSpec, ...], tokenizers.Token
     return specs, tokenizer
 
 
-def _settings(config, process_index: int, process_count: int) -> _Settings:
-    specs, tokenizer = _validated(config)
+def _settings(
+    config, process_index: int, process_count: int, task: Task | None = None
+) -> _Settings:
+    task = task or tasks.get(config)
+    specs, tokenizer = _validated(config, task)
     seq_len = _check_int("train.seq_len", config.train.seq_len, 1)
     global_batch = _check_int("train.batch_size", config.train.batch_size, 1)
     process_count = _check_int("process_count", process_count, 1)
@@ -168,18 +146,18 @@ def _settings(config, process_index: int, process_count: int) -> _Settings:
     if isinstance(config.seed, bool) or not isinstance(config.seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer, got {config.seed!r}.")
     return _Settings(
+        task=task,
         specs=specs,
-        sft=_is_sft(config),
-        chat_template=_data_key(config, "chat_template"),
         source=config.data.source,
-        tokenizer=config.data.tokenizer,
-        pad_id=int(tokenizer.pad_id),
-        text_field=_data_key(config, "text_field"),
-        packing=bool(_data_key(config, "packing")),
+        rows=row_kinds.RowSettings(
+            seq_len=seq_len,
+            pad_id=int(tokenizer.pad_id),
+            packing=bool(_data_key(config, "packing")),
+            whole_examples=not task.splittable_examples,
+        ),
         workers=int(_data_key(config, "workers")),
         prefetch=int(_data_key(config, "prefetch")),
         seed=int(config.seed),
-        seq_len=seq_len,
         global_batch=global_batch,
         local_batch=global_batch // process_count,
         process_index=process_index,
@@ -187,48 +165,15 @@ def _settings(config, process_index: int, process_count: int) -> _Settings:
     )
 
 
-def token_stream(docs: list[str], tokenizer: tokenizers.Tokenizer) -> np.ndarray:
-    """Returns the int32 concatenation of `tokenizer.encode(doc)` (BOS ... EOS) over `docs`."""
-    if not docs:
-        return np.zeros((0,), dtype=np.int32)
-    return np.concatenate([tokenizer.encode(doc) for doc in docs]).astype(np.int32, copy=False)
-
-
-def _split_stream(source: str, tokenizer: str, split: str) -> np.ndarray:
-    """The token stream of `split` of a registered source (read-only, cached)."""
-    return sources.load_documents(sources.SourceSpec("named", source), split, tokenizer, "").stream
-
-
-def _documents(s: _Settings, spec: sources.SourceSpec, split: str) -> Documents:
-    if s.sft:
-        return sft.load_examples(spec, split, s.tokenizer, s.chat_template, s.seq_len)
-    return sources.load_documents(spec, split, s.tokenizer, s.text_field)
-
-
-def _split_documents(s: _Settings, split: str) -> Documents:
-    parts = [_documents(s, spec, split) for spec in s.specs]
-    return parts[0] if len(parts) == 1 else ConcatDocuments(parts)
+def _split_examples(s: _Settings, split: str):
+    parts = [s.task.examples(spec, split) for spec in s.specs]
+    return parts[0] if len(parts) == 1 else row_kinds.builder_for(parts[0]).concat(parts)
 
 
 def split_token_counts(config) -> dict[str, int]:
     """Returns the number of tokens in each split (summed over a mixture's sources)."""
     s = _settings(config, 0, 1)
-    return {split: _split_documents(s, split).num_tokens for split in sources.SPLITS}
-
-
-def _to_batch(rows: np.ndarray, lengths: np.ndarray | None = None) -> Batch:
-    """Turns int32[b, L + 1] rows into next-token inputs, targets and a loss mask.
-
-    `lengths` holds each row's count of real tokens (the rest is padding); None = all real.
-    The mask comes from positions, not from matching PAD, since many tokenizers use their
-    EOS id as PAD and EOS must still be learned.
-    """
-    targets = np.ascontiguousarray(rows[:, 1:])
-    if lengths is None:
-        mask = np.ones(targets.shape, np.float32)
-    else:
-        mask = (np.arange(1, rows.shape[1]) < lengths[:, None]).astype(np.float32)
-    return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": targets, "mask": mask}
+    return {split: _split_examples(s, split).num_tokens for split in sources.SPLITS}
 
 
 def _data_seeds(seed: int, source_index: int = 0) -> tuple[int, int]:
@@ -240,85 +185,46 @@ def _data_seeds(seed: int, source_index: int = 0) -> tuple[int, int]:
     return int(state[0]), int(state[1])
 
 
-class _EpochRows:
-    """Maps (global row index, row within its epoch) to seq_len + 1 tokens of the stream."""
-
-    def __init__(self, documents, seq_len: int, rows_per_epoch: int, offset_seed: int):
-        self._documents = documents
-        self._row_len = seq_len + 1
-        self._rows_per_epoch = rows_per_epoch
-        self._offset_seed = offset_seed
-
-    def offset(self, epoch: int) -> int:
-        """Returns where epoch `epoch` starts cutting rows, in [0, seq_len]."""
-        digest = hashlib.sha256(f"{self._offset_seed}:{epoch}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") % self._row_len
-
-    def __call__(self, index: int, row: int) -> np.ndarray:
-        start = self.offset(index // self._rows_per_epoch) + row * self._row_len
-        return self._documents.take(start, self._row_len)
-
-
-def train_rows_per_epoch(num_tokens: int, seq_len: int) -> int:
-    """Returns how many rows every epoch has, whatever its cut offset in [0, seq_len]."""
-    return max(0, (num_tokens - seq_len) // (seq_len + 1))
-
-
-def _source_rows(s: _Settings, index: int, spec: sources.SourceSpec) -> grain.MapDataset:
-    """The endless row stream of one source of the mixture."""
-    documents = _documents(s, spec, "train")
-    shuffle_seed, offset_seed = _data_seeds(s.seed, index)
+def _source_rows(s: _Settings, index: int, spec: sources.SourceSpec):
+    """(the endless rows of one source of the mixture, its row builder)."""
+    examples = s.task.examples(spec, "train")
+    builder = row_kinds.builder_for(examples)
     where = f"the train split of {spec}" + (f" in data.source={s.source!r}" if index else "")
-    if s.segmented and not (documents.lengths >= 2).any():
-        raise ValueError(f"{where} has no document with 2 or more tokens; check the data.")
-    if s.packing:
-        rows = packing.EpochRows(documents, s.seq_len, shuffle_seed, s.pad_id)
-        return grain.MapDataset.range(np.iinfo(np.int64).max).map(rows)
-    if s.sft:  # one example per row, padded; examples shuffled every epoch
-        plan = packing.example_plan(documents.lengths)
-        return (
-            grain.MapDataset.range(plan.num_rows)
-            .shuffle(seed=shuffle_seed)
-            .repeat()
-            .map(packing.PlanRows(plan, documents, s.seq_len, s.pad_id))
-        )
-    rows_per_epoch = train_rows_per_epoch(documents.num_tokens, s.seq_len)
-    if rows_per_epoch < 1:
-        raise ValueError(
-            f"train.seq_len={s.seq_len} is too long for {where} ({documents.num_tokens} "
-            f"tokens) with data.packing=False; use at most "
-            f"{max(1, (documents.num_tokens - 1) // 2)}, or data.packing=True."
-        )
-    return (
-        grain.MapDataset.range(rows_per_epoch)
-        .shuffle(seed=shuffle_seed)
-        .repeat()  # reseeds the shuffle every epoch
-        .map_with_index(_EpochRows(documents, s.seq_len, rows_per_epoch, offset_seed))
-    )
+    settings = dataclasses.replace(s.rows, where=where)
+    return builder.train_rows(examples, settings, *_data_seeds(s.seed, index)), builder
 
 
-def train_dataset(config, *, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def train_dataset(
+    config, *, task: Task | None = None, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
     """Returns this process's endless training batches as a Grain MapDataset (index = step)."""
-    s = _settings(config, process_index, process_count)
-    row_sets = [_source_rows(s, k, spec) for k, spec in enumerate(s.specs)]
+    s = _settings(config, process_index, process_count, task)
+    sources_rows = [_source_rows(s, k, spec) for k, spec in enumerate(s.specs)]
+    row_sets, builders = [r for r, _ in sources_rows], [b for _, b in sources_rows]
+    if len({type(b) for b in builders}) > 1:
+        raise ValueError(f"data.source={s.source!r} mixes different kinds of examples.")
     rows = row_sets[0]
     if len(row_sets) > 1:
         rows = grain.MapDataset.mix(row_sets, [spec.weight for spec in s.specs])
-    to_batch = packing.to_batch if s.segmented else _to_batch
     return (
         # Local batches in global order; process p takes every process_count-th one, so
         # global batch t is local batches t * process_count + (0, 1, ...) in process order.
         rows.batch(s.local_batch, drop_remainder=True)
         .slice(slice(s.process_index, None, s.process_count))
-        .map(to_batch)
+        .map(builders[0].collate(s.rows))
     )
 
 
 def make_train_iterator(
-    config, *, process_index: int = 0, process_count: int = 1
+    config, *, task: Task | None = None, process_index: int = 0, process_count: int = 1
 ) -> grain.DatasetIterator:
-    """Returns an endless, checkpointable iterator of this process's training batches."""
-    dataset = train_dataset(config, process_index=process_index, process_count=process_count)
+    """Returns an endless, checkpointable iterator of this process's training batches.
+
+    `task` is the objective whose examples to read (default: the one `config.task` names).
+    """
+    dataset = train_dataset(
+        config, task=task, process_index=process_index, process_count=process_count
+    )
     workers, prefetch = int(_data_key(config, "workers")), int(_data_key(config, "prefetch"))
     iter_dataset = dataset.to_iter_dataset(_READ_OPTIONS)
     if workers:
@@ -365,21 +271,25 @@ def _eval_steps(config) -> int:
 
 
 def eval_batches(
-    config, split: str, *, process_index: int = 0, process_count: int = 1
+    config,
+    split: str,
+    *,
+    task: Task | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Iterator[Batch]:
     """Returns this process's batches covering `split` once, in order, with fixed shapes.
 
     For a mixture, the split is the concatenation of every source's split in spec order, so
-    each source counts by its size (not its weight). Padding rows have mask 0.
+    each source counts by its size (not its weight). Padding rows have loss weight 0.
     """
-    s = _settings(config, process_index, process_count)
+    s = _settings(config, process_index, process_count, task)
     if split not in sources.SPLITS:
         raise ValueError(f"Unknown split {split!r}; allowed: {', '.join(sources.SPLITS)}.")
     steps = _eval_steps(config)
-    documents = _split_documents(s, split)
-    if s.segmented:
-        return _packed_eval_iterator(documents, s, steps)
-    return _eval_iterator(documents, s, steps)
+    examples = _split_examples(s, split)
+    num_rows, make_batch = row_kinds.builder_for(examples).eval_rows(examples, s.rows)
+    return (make_batch(_local_rows(s, step)) for step in range(_num_batches(num_rows, s, steps)))
 
 
 def _local_rows(s: _Settings, step: int) -> np.ndarray:
@@ -389,31 +299,3 @@ def _local_rows(s: _Settings, step: int) -> np.ndarray:
 def _num_batches(num_rows: int, s: _Settings, steps: int) -> int:
     num_batches = -(-num_rows // s.global_batch)
     return min(num_batches, steps) if steps > 0 else num_batches
-
-
-def _eval_iterator(documents, s: _Settings, steps: int) -> Iterator[Batch]:
-    # Row k holds tokens [k * L, k * L + L]: consecutive rows share one token, so every token
-    # after the first is a target exactly once. Rows past the end are PAD with mask 0.
-    seq_len, n = s.seq_len, documents.num_tokens
-    num_rows = -(-(n - 1) // seq_len) if n > 1 else 0
-    for step in range(_num_batches(num_rows, s, steps)):
-        rows = np.full((s.local_batch, seq_len + 1), s.pad_id, dtype=np.int32)
-        lengths = np.zeros(s.local_batch, np.int64)
-        for i, k in enumerate(_local_rows(s, step)):
-            tokens = documents.take(int(k) * seq_len, seq_len + 1)
-            rows[i, : tokens.size] = tokens
-            lengths[i] = tokens.size
-        yield _to_batch(rows, lengths)
-
-
-def _packed_eval_iterator(documents, s: _Settings, steps: int) -> Iterator[Batch]:
-    if s.packing:
-        plan = packing.eval_plan(documents.lengths, s.seq_len)
-    else:
-        plan = packing.example_plan(documents.lengths)  # SFT: one example per row
-    weights = packing.weights_fn(documents)
-    for step in range(_num_batches(plan.num_rows, s, steps)):
-        rows = _local_rows(s, step)
-        yield packing.to_batch(
-            packing.eval_rows(plan, rows, documents.doc, s.seq_len, s.pad_id, weights)
-        )

@@ -1,0 +1,63 @@
+"""Model families, registered by name under `model.kind`.
+
+A family validates its own `model.*` keys and builds a model from them: a trunk with the head
+a task asks for (`"logits"`: next-token logits; `"scores"`: a few outputs per position, for reward
+models and classifiers). A new family is a module that calls `register`; the rest of jtrain
+only ever calls `get(config.model.kind)`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from flax import nnx
+
+from jtrain.validation import ConfigError
+
+
+class Family(Protocol):
+    """What a model family supplies."""
+
+    def validate(self, config) -> None:
+        """Raises ConfigError naming the first `model.*` value that cannot work."""
+        ...
+
+    def make(self, model_config, *, head: str, rngs: nnx.Rngs, **head_options) -> nnx.Module:
+        """A freshly initialised model: the trunk and the named head."""
+        ...
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(kind: str):
+    """Class decorator: registers an instance of the family class as `model.kind=kind`."""
+
+    def add(cls):
+        _FAMILIES[kind] = cls()
+        return cls
+
+    return add
+
+
+def kinds() -> tuple[str, ...]:
+    """The registered `model.kind` values."""
+    _load_builtin()
+    return tuple(sorted(_FAMILIES))
+
+
+def family_of(model_config) -> Family:
+    """The family of a `config.model` section (configs saved before `model.kind`: transformer)."""
+    return get(model_config.get("kind", "transformer"))
+
+
+def get(kind: str) -> Family:
+    """The family `model.kind` names; ConfigError lists the known ones."""
+    _load_builtin()
+    if kind not in _FAMILIES:
+        raise ConfigError(f"config.model.kind={kind!r} is invalid: allowed: {', '.join(kinds())}.")
+    return _FAMILIES[kind]
+
+
+def _load_builtin() -> None:
+    from jtrain.models import transformer  # noqa: F401 - registers "transformer"

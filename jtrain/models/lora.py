@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jtrain.models import layers
+from jtrain.validation import one_of, require
 
 BASE_DTYPES = ("float32", "bfloat16", "int8")
 # Projection kernels an adapter can target, by short name ("q" for Attention.q_DxHxK).
@@ -75,6 +76,33 @@ class LoRAConfig:
     def trainable(self) -> nnx.filterlib.Filter:
         """The filter of the parameters that get gradients and optimizer state."""
         return LoRAParam if self.rank > 0 else nnx.Param
+
+
+def validate(config) -> None:
+    """Checks the `model.lora.*` keys; ConfigError names the first bad one."""
+    lora_cfg = config.model.get("lora")
+    if lora_cfg is None:  # a config written before LoRA existed: no adapters
+        return
+    rank, alpha, dropout = lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout
+    require(isinstance(rank, int) and rank >= 0, "model.lora.rank", rank, "must be >= 0 (0 = off)")
+    require(alpha > 0, "model.lora.alpha", alpha, "must be positive (the scale is alpha / rank)")
+    require(0.0 <= dropout < 1.0, "model.lora.dropout", dropout, "must be in [0, 1)")
+    targets = parse_targets(lora_cfg.targets)
+    unknown = unmatched_targets(targets)
+    require(
+        bool(targets) and not unknown,
+        "model.lora.targets",
+        lora_cfg.targets,
+        f"{', '.join(unknown) or 'it'} matches no kernel; give comma-separated names or glob "
+        f"patterns over {', '.join(TARGET_NAMES)} (or attn.q, mlp.up, ...), or 'all'",
+    )
+    one_of("model.lora.base_dtype", lora_cfg.base_dtype, BASE_DTYPES)
+    require(
+        rank > 0 or lora_cfg.base_dtype == "float32",
+        "model.lora.base_dtype",
+        lora_cfg.base_dtype,
+        "needs model.lora.rank > 0: only a frozen base is stored in a lower precision",
+    )
 
 
 def parse_targets(spec: str | Sequence[str]) -> tuple[str, ...]:

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jtrain import models
 from jtrain.models import layers
+from jtrain.validation import one_of, positive_ints, require
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = {
@@ -112,8 +114,8 @@ class Block(nnx.Module):
         return x_BxLxD + layers.dropout(h, self.dropout_rate, rng_mlp)
 
 
-class Transformer(nnx.Module):
-    """Token ids -> next-token logits."""
+class Decoder(nnx.Module):
+    """The trunk: token ids -> final-normed hidden states [B, L, D]; heads sit on top."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -128,17 +130,13 @@ class Transformer(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_norm = layers.norm(cfg, rngs=rngs)
-        if not cfg.tie_embeddings:
-            self.unembed_DxV = layers.param(
-                rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), stddev=cfg.d_model**-0.5
-            )
         if cfg.positions == "learned":
             # No logical name for the position axis: the table is small and replicated.
             self.pos_embed_LxD = layers.param(
                 rngs, (cfg.max_seq_len, cfg.d_model), (None, "embed"), stddev=0.02
             )
 
-    def __call__(
+    def hidden(
         self,
         tokens_BxL: jax.Array,
         *,
@@ -146,7 +144,7 @@ class Transformer(nnx.Module):
         segment_ids_BxL: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Returns float32 logits [B, L, V]; dropout only when a dropout_rng is given."""
+        """Final-normed hidden states [B, L, D] in the compute dtype."""
         cfg = self.cfg
         dtype = DTYPES[cfg.dtype]
         if positions_BxL is None:
@@ -168,10 +166,90 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat])
         x_BxLxD, _ = jax.lax.scan(run_block, x_BxLxD, (block_state, layer_rngs))
+        return self.final_norm(x_BxLxD)
 
-        x_BxLxD = self.final_norm(x_BxLxD)
-        if cfg.tie_embeddings:
+
+class Transformer(Decoder):
+    """The trunk with the language-model head: token ids -> next-token logits."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.unembed_DxV = layers.param(
+                rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), stddev=cfg.d_model**-0.5
+            )
+
+    def __call__(self, tokens_BxL: jax.Array, **trunk_options) -> jax.Array:
+        """Returns float32 logits [B, L, V]; dropout only when a dropout_rng is given."""
+        x_BxLxD = self.hidden(tokens_BxL, **trunk_options)
+        if self.cfg.tie_embeddings:
             unembed_DxV = self.embed_VxD[...].T
         else:
             unembed_DxV = self.unembed_DxV[...]
         return layers.dense(x_BxLxD, unembed_DxV).astype(jnp.float32)
+
+
+class Scorer(Decoder):
+    """The trunk with a small linear head: token ids -> `outputs` scores per position.
+
+    One output is a reward model's scalar; several, a sequence classifier's logits. The trunk's
+    parameters have the same names as a language model's, so an LM run initialises it.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, outputs: int = 1, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.score_DxO = layers.param(
+            rngs, (cfg.d_model, outputs), ("embed", None), stddev=cfg.d_model**-0.5
+        )
+
+    def __call__(self, tokens_BxL: jax.Array, **trunk_options) -> jax.Array:
+        """Returns float32 scores [B, L, outputs]."""
+        x_BxLxD = self.hidden(tokens_BxL, **trunk_options)
+        return layers.dense(x_BxLxD, self.score_DxO[...]).astype(jnp.float32)
+
+
+HEADS = {"logits": Transformer, "scores": Scorer}
+
+
+@models.register("transformer")
+class TransformerFamily:
+    """Decoder-only transformers: Llama, Mistral, Qwen2 and GPT-2 layouts."""
+
+    def make(self, model_config, *, head: str, rngs: nnx.Rngs, **head_options) -> Decoder:
+        """The trunk of `model_config` with the named head (`logits` or `scores`)."""
+        cfg = TransformerConfig.from_mapping(model_config)
+        return HEADS[head](cfg, rngs=rngs, **head_options)
+
+    def validate(self, config) -> None:
+        """Checks the transformer's `model.*` keys; ConfigError names the first bad one."""
+        m = config.model
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+        positive_ints(m, "model", sizes)
+        require(
+            m.n_heads % m.n_kv_heads == 0,
+            "model.n_kv_heads",
+            m.n_kv_heads,
+            f"must divide model.n_heads={m.n_heads} (grouped-query attention)",
+        )
+        require(
+            m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (rotary embedding)"
+        )
+        require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+        require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
+        require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive")
+        one_of("model.dtype", m.dtype, DTYPES)
+        one_of("model.remat", m.remat, REMAT_POLICIES)
+        one_of("model.attention", m.attention, ATTENTION_IMPLEMENTATIONS)
+        for name, allowed in CHOICES.items():
+            one_of(f"model.{name}", m[name], allowed)
+        require(m.max_seq_len >= 0, "model.max_seq_len", m.max_seq_len, "must be >= 0")
+        if m.positions == "learned":
+            seq_len = config.train.seq_len
+            require(
+                m.max_seq_len >= seq_len,
+                "model.max_seq_len",
+                m.max_seq_len,
+                f"must be at least train.seq_len={seq_len} with learned positions (a row each)",
+            )
+        require(m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0")
+        require(m.rope_factor > 0, "model.rope_factor", m.rope_factor, "must be positive")

@@ -1,13 +1,20 @@
-"""Language modelling: next-token cross-entropy on a decoder transformer."""
+"""Language modelling: next-token cross-entropy on a decoder, for pretraining and continued
+pretraining. Examples are token documents (BOS ... EOS); the end-of-run display is a sample."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jtrain.models.transformer import Transformer, TransformerConfig
-from jtrain.tasks.base import Batch, LossOutput
+from jtrain import generate, models, tasks
+from jtrain.data import sources, tokenizers
+from jtrain.models.transformer import TransformerConfig
+from jtrain.tasks.base import Batch, LossOutput, Task
+from jtrain.validation import require
 
 
 def token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
@@ -18,34 +25,81 @@ def token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.
     return log_z - target_logit
 
 
-class LMTask:
-    """Pretraining and continued pretraining: predict every next token where mask is 1.
+@tasks.register("lm")
+class LMTask(Task):
+    """Predict every next token where the loss weight is 1.
 
-    Batch keys: inputs, targets, mask [B, L]; optional positions and segment_ids [B, L]
-    for packed rows.
+    Batch keys: inputs, targets, loss_weight [B, L]; optional positions and segment_ids
+    [B, L] for packed rows.
     """
 
-    def __init__(self, model_cfg: TransformerConfig):
-        self.model_cfg = model_cfg
+    name = "lm"
 
-    def make_model(self, rngs: nnx.Rngs) -> Transformer:
-        return Transformer(self.model_cfg, rngs=rngs)
+    @classmethod
+    def validate(cls, config) -> None:
+        vocab = tokenizers.get_tokenizer(config.data.tokenizer).vocab_size
+        require(
+            config.model.vocab_size >= vocab,
+            "model.vocab_size",
+            config.model.vocab_size,
+            f"must be at least the tokenizer's vocabulary size ({vocab})",
+        )
 
-    def loss(self, model: Transformer, batch: Batch, *, dropout_rng=None) -> LossOutput:
+    def examples(self, spec: sources.SourceSpec, split: str):
+        data = self.config.data
+        return sources.load_documents(spec, split, data.tokenizer, data.text_field)
+
+    def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        return models.family_of(self.config.model).make(self.config.model, head="logits", rngs=rngs)
+
+    def loss(self, model, batch: Batch, *, dropout_rng=None, frozen=None) -> LossOutput:
         logits = model(
             batch["inputs"],
             positions_BxL=batch.get("positions"),
             segment_ids_BxL=batch.get("segment_ids"),
             dropout_rng=dropout_rng,
         )
-        mask = batch["mask"].astype(jnp.float32)
+        weight = batch["loss_weight"].astype(jnp.float32)
         nll = token_cross_entropy(logits, batch["targets"])
         correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
         return LossOutput(
-            loss_sum=jnp.sum(nll * mask),
-            weight=jnp.sum(mask),
-            sums={"accuracy": jnp.sum(correct * mask)},
+            loss_sum=jnp.sum(nll * weight),
+            weight=jnp.sum(weight),
+            sums={"accuracy": jnp.sum(correct * weight)},
         )
 
-    def flops_per_token(self, seq_len: int, *, weight_grads: bool = True) -> float:
-        return self.model_cfg.flops_per_token(seq_len, weight_grads=weight_grads)
+    def report(self, totals: LossOutput) -> dict[str, float]:
+        metrics = super().report(totals)
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        return metrics
+
+    def flops_per_example(self, *, weight_grads: bool = True) -> float:
+        seq_len = self.config.train.seq_len
+        cfg = TransformerConfig.from_mapping(self.config.model)
+        return seq_len * cfg.flops_per_token(seq_len, weight_grads=weight_grads)
+
+    def tokens_per_example(self) -> int:
+        return self.config.train.seq_len
+
+    def show(self, model: nnx.Module) -> None:
+        """Prints a sample continuing `eval.sample_prompt` (none when eval.sample_tokens=0)."""
+        e = self.config.eval
+        if not e.sample_tokens:
+            return
+        tokenizer = tokenizers.get_tokenizer(self.config.data.tokenizer)
+        ids, stop_id, shown_prompt = self.sample_prompt(tokenizer, e.sample_prompt)
+        new = generate.sample(
+            model,
+            np.asarray(ids),
+            max_new_tokens=e.sample_tokens,
+            window=self.config.train.seq_len,
+            stop_id=stop_id,
+            temperature=e.sample_temperature,
+            seed=self.config.seed,
+        )
+        how = f"temperature {e.sample_temperature}" if e.sample_temperature else "greedy"
+        print(f"sample ({how}):\n{shown_prompt}{tokenizer.decode(new)}", flush=True)
+
+    def sample_prompt(self, tokenizer, prompt: str) -> tuple[np.ndarray, int, str]:
+        """(prompt ids, the id that ends the sample, the prompt as printed)."""
+        return tokenizer.encode(prompt, add_bos=True, add_eos=False), tokenizer.eos_id, prompt

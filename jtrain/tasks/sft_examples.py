@@ -1,17 +1,19 @@
 """Supervised fine-tuning examples: conversations read, rendered, tokenized and loss-masked.
 
-With `task="sft"`, `data.source` names examples: `files:GLOB` (.jsonl or .jsonl.gz, one record
-a line: `{"prompt": ..., "response": ...}` with an optional "system", or OpenAI-style
-`{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`), a registered
-example set (`python_docstrings`), or a weighted mixture of them (`sources.parse_spec`). Each
-example goes to the split of a hash of its messages (`sources.split_of`).
+With `task="sft"`, `data.source` names records (`jtrain.data.sources`): `files:GLOB` (JSON Lines
+or Parquet, optionally compressed, or per-split globs), `python:module:function`, a registered
+example set (`python_docstrings`), or a weighted mixture. A record is `{"prompt": ...,
+"response": ...}` with an optional "system", or OpenAI-style `{"messages": [{"role":
+"system"|"user"|"assistant", "content": ...}, ...]}`. Without named splits, each example goes
+to the split of a hash of its messages (`split_key`).
 
 An example is rendered with `data.chat_template` (see `chat`) into token ids and a loss weight
 per token: 1 on every assistant turn's content and end-of-turn token, 0 on everything else.
 An example longer than train.seq_len + 1 tokens keeps its start; one left without a response
 token is dropped. Bad records (malformed JSON, missing or non-string fields, unknown roles, no
-assistant turn, empty content, a template that refuses the conversation) are skipped. Both are
-counted and reported in a warning with `file:line` examples, once per process and source.
+assistant turn, empty content) are skipped and counted by the source; conversations the
+template refuses, truncated and dropped examples are counted here. Both warn with `file:line`
+examples, once per process and source.
 """
 
 from __future__ import annotations
@@ -19,18 +21,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import gzip
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 
-from jtrain.data import chat, docstrings, sources, tokenizers
+from jtrain.data import sources, tokenizers
 from jtrain.data.documents import WeightedDocuments
+from jtrain.data.records import BadRecord
+from jtrain.tasks import chat
 
 Example = tuple[str, list[chat.Message]]  # (where it came from: file:line or name, messages)
-_SOURCES = {"python_docstrings": docstrings.python_docstrings}
-_SUFFIXES = (".jsonl", ".jsonl.gz")
 _QUOTED = 3  # bad records quoted in a warning
 _ENCODE_CHUNK = 1024  # conversations tokenized per batch call
 _log = logging.getLogger(__name__)
@@ -38,15 +38,16 @@ _log = logging.getLogger(__name__)
 
 def source_names() -> tuple[str, ...]:
     """The registered example sets `data.source` may name with task=sft."""
-    return tuple(sorted(_SOURCES))
+    return sources.source_names("chat")
 
 
 def parse_spec(spec) -> tuple[sources.SourceSpec, ...]:
     """Parses `data.source` for task=sft; a ValueError says what an SFT source may be."""
     allowed = (
         f"with task='sft' it names chat examples: {', '.join(source_names())}, files:GLOB "
-        f"({' or '.join(_SUFFIXES)} records with prompt/response or messages) or a weighted "
-        "mixture such as 'python_docstrings=0.5,files:chats/*.jsonl=0.5'"
+        "(JSON Lines or Parquet records with prompt/response or messages), "
+        "python:module.path:function, or a weighted mixture such as "
+        "'python_docstrings=0.5,files:chats/*.jsonl=0.5'"
     )
     try:
         specs = sources.parse_spec(spec, names=source_names())
@@ -60,28 +61,13 @@ def parse_spec(spec) -> tuple[sources.SourceSpec, ...]:
     return specs
 
 
-def example_files(spec: str, pattern: str) -> list[str]:
-    """The JSONL files `pattern` matches, sorted; a ValueError for none or another kind."""
-    hint = "SFT examples are JSON Lines records with prompt/response or messages; narrow the glob"
-    return sources.text_files(spec, pattern, _SUFFIXES, hint)
-
-
 def validate(source: str, tokenizer: str, chat_template: str) -> tuple[sources.SourceSpec, ...]:
     """Checks the data.* values of an SFT run without reading examples; returns the specs."""
     specs = parse_spec(source)
     for item in specs:
-        if item.kind == "files":
-            example_files(source, item.target)
+        sources.check(item, source)
     chat.load(chat_template, tokenizer)
     return specs
-
-
-class BadRecord(ValueError):
-    """A record that is not an example; `kind` is what the warning counts it as."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
 
 
 def _text(record: dict, key: str) -> str:
@@ -166,40 +152,15 @@ class _Report:
             )
 
 
-def _open_lines(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+def split_key(record) -> str:
+    """The hash that assigns a chat record to its split; BadRecord if it is no conversation."""
+    key = json.dumps(record_messages(record), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _file_examples(path: str, report: _Report) -> Iterator[Example]:
-    with _open_lines(path) as f:
-        for line_number, raw in enumerate(f, start=1):
-            where = f"{path}:{line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                report.skip(where, "invalid UTF-8", str(err))
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, record_messages(json.loads(line))
-            except json.JSONDecodeError as err:
-                report.skip(where, "malformed JSON", str(err))
-            except BadRecord as err:
-                report.skip(where, err.kind, str(err))
-
-
-def _read(item: sources.SourceSpec, report: _Report) -> dict[str, list[Example]]:
-    if item.kind == "named":
-        return _SOURCES[item.target]()
-    out: dict[str, list[Example]] = {split: [] for split in sources.SPLITS}
-    for path in example_files(f"files:{item.target}", item.target):
-        for where, messages in _file_examples(path, report):
-            key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
-            out[sources.split_of(hashlib.sha256(key.encode("utf-8")).hexdigest())].append(
-                (where, messages)
-            )
-    return out
+def _examples(item: sources.SourceSpec, split: str) -> list[Example]:
+    records = sources.load_records(item, split, split_key)
+    return [(records.where(i), record_messages(record)) for i, record in enumerate(records)]
 
 
 def _encode_split(
@@ -233,11 +194,10 @@ def _encoded(
 ) -> dict[str, WeightedDocuments]:
     item = sources.SourceSpec(kind, target)
     report = _Report()
-    examples = _read(item, report)
     chat_template = chat.load(template, tokenizer)
     tok = tokenizers.get_tokenizer(tokenizer)
     docs = {
-        split: _encode_split(examples[split], chat_template, tok, seq_len, report)
+        split: _encode_split(_examples(item, split), chat_template, tok, seq_len, report)
         for split in sources.SPLITS
     }
     report.warn(str(item), seq_len)

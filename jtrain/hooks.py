@@ -1,0 +1,155 @@
+"""What the loop runs around the step, on a schedule: evaluation, checkpoints, train logs and
+the end-of-run display. Hooks know nothing of the task: metrics come from `Task.report`, the
+display from `Task.show`.
+
+A hook may act at four points: `on_start` (before the first step), `on_step` (each finished
+step's metrics, read one step late so the device stays busy), `run` (after a step it is `due`
+at; the loop then waits for the device) and `on_end`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+import jax
+from flax import nnx
+
+from jtrain import checkpoint
+from jtrain.data import pipeline
+from jtrain.experiment import Experiment
+from jtrain.state import TrainState
+
+
+class Hook:
+    """Does nothing at every point; subclasses override the points they use."""
+
+    def on_start(self, loop, state: TrainState, step: int) -> None:
+        """Before the first step of this process (`step` = the step restored or 0)."""
+
+    def on_step(self, loop, step: int, step_metrics: Mapping) -> None:
+        """After every step, with its (device) metrics."""
+
+    def due(self, step: int, *, last: bool, preempted: bool) -> bool:
+        """Whether `run` is called after this step."""
+        return False
+
+    def run(self, loop, step: int, state: TrainState) -> None:
+        """After a step this hook is due at."""
+
+    def on_end(self, loop, state: TrainState, *, preempted: bool) -> None:
+        """After the last step (or the preempted one)."""
+
+
+def _every(step: int, every: int) -> bool:
+    return bool(every) and step % every == 0
+
+
+def evaluate(exp: Experiment, state: TrainState, batches: Iterable) -> dict[str, float]:
+    """The task's metrics over every batch of an evaluation split, weighted exactly."""
+    total = None
+    for local_batch in batches:
+        out = exp.eval_step(state.params, state.frozen, exp.global_batch(local_batch))
+        total = out if total is None else total + out
+    if total is None:
+        raise ValueError("the evaluation split produced no batches")
+    return exp.task.report(jax.device_get(total))
+
+
+class Evaluate(Hook):
+    """Evaluates a whole split every `every` steps and after the last; logs it."""
+
+    def __init__(self, split: str, every: int, *, at_start: bool = False):
+        self.split, self.every, self.at_start = split, every, at_start
+        self.ran_at: int | None = None
+
+    def evaluate(self, loop, step: int, state: TrainState) -> None:
+        batches = pipeline.eval_batches(
+            loop.config,
+            self.split,
+            task=loop.exp.task,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        loop.results[self.split] = evaluate(loop.exp, state, batches)
+        loop.writer.write(step, self.split, loop.results[self.split])
+        self.ran_at = step
+
+    def on_start(self, loop, state, step) -> None:
+        if self.at_start and step == 0:  # starting from weights: the baseline to beat
+            self.evaluate(loop, 0, state)
+
+    def due(self, step, *, last, preempted) -> bool:
+        return last or _every(step, self.every)
+
+    def run(self, loop, step, state) -> None:
+        self.evaluate(loop, step, state)
+
+    def on_end(self, loop, state, *, preempted) -> None:
+        last = loop.config.train.steps
+        if not preempted and self.ran_at != last:  # a finished run, resumed
+            self.evaluate(loop, last, state)
+
+
+class FinalEvaluate(Evaluate):
+    """Evaluates a split once, at the end of a run that was not preempted: the test split."""
+
+    def __init__(self, split: str):
+        super().__init__(split, every=0)
+
+    def due(self, step, *, last, preempted) -> bool:
+        return False
+
+
+class Checkpoint(Hook):
+    """Saves the state and the batch source's position every `every` steps, after the last
+    and when preempted; records the validation loss for keeping the best."""
+
+    def __init__(self, ckpts: checkpoint.Checkpoints, every: int, val: Evaluate | None):
+        self.ckpts, self.every, self.val = ckpts, every, val
+
+    def due(self, step, *, last, preempted) -> bool:
+        return last or preempted or _every(step, self.every)
+
+    def run(self, loop, step, state) -> None:
+        evaluated = self.val is not None and self.val.ran_at == step
+        self.ckpts.save(
+            state.checkpointed(),  # frozen parts are rebuilt, not saved
+            data_state=loop.batches.get_state(),
+            config=loop.config.to_dict(),
+            metrics=loop.results.get(self.val.split) if evaluated else None,
+            started=loop.started,
+        )
+
+    def on_end(self, loop, state, *, preempted) -> None:
+        self.ckpts.wait()
+
+
+class TrainLog(Hook):
+    """Logs the task's train metrics, throughput and MFU every `every` steps and the last."""
+
+    def __init__(self, every: int, last: int):
+        self.every, self.last = every, last
+
+    def on_step(self, loop, step, step_metrics) -> None:
+        if not (_every(step, self.every) or step == self.last):
+            return
+        host = jax.device_get(step_metrics)
+        values = loop.exp.task.report(host["totals"])
+        values.update({k: float(v) for k, v in host.items() if k != "totals"})
+        values.update(loop.throughput.report(step))
+        loop.writer.write(step, "train", values)
+        loop.results["train"] = values
+
+    def on_end(self, loop, state, *, preempted) -> None:
+        if not preempted:
+            last = loop.config.train.steps
+            loop.writer.write(last, "train", {"wall_time": time.perf_counter() - loop.started})
+
+
+class Display(Hook):
+    """Shows what the finished run produced (`Task.show`: an LM's sample)."""
+
+    def on_end(self, loop, state, *, preempted) -> None:
+        if not preempted:
+            loop.exp.task.show(nnx.merge(loop.exp.graphdef, state.model_params))
