@@ -121,6 +121,21 @@ def test_a_non_finite_step_keeps_params_and_optimizer_state_and_counts_it():
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_logged_lr_is_the_rate_applied_after_a_skipped_step():
+    # A skipped update leaves the optimizer's step count behind the train step: the next
+    # update applies the schedule at that count, and that is the rate the step reports.
+    config = tiny_config()
+    exp = Experiment.from_config(config, task=PoisonedLM(config, poison=300))
+    state = exp.init_state()
+    poisoned = np.full((16, 32), 300, np.int32)
+    clean = np.ones((16, 32), np.int32)
+    for tokens in (poisoned, clean, clean):
+        batch = {"inputs": tokens, "targets": tokens, "loss_weight": np.ones((16, 32), np.float32)}
+        state, metrics = exp.train_step(state, exp.global_batch(batch))
+    assert int(state.step) == 3 and int(state.skipped) == 1
+    assert float(metrics["lr"]) == float(exp.schedule(1)) != float(exp.schedule(2))
+
+
 def _exploding(**overrides):
     # Adam with a huge learning rate and no clipping: finite at step 1, non-finite from step 2.
     return tiny_config(

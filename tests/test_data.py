@@ -35,6 +35,12 @@ def make_config(batch_size=4, seq_len=32, seed=0, eval_steps=-1, packing=True, s
     return config
 
 
+def split_token_counts(config) -> dict[str, int]:
+    """Tokens in each split of the config's data (summed over a mixture's sources)."""
+    settings = pipeline._settings(config, 0, 1)
+    return {s: pipeline._split_examples(settings, s).num_tokens for s in sources.SPLITS}
+
+
 def split_stream(split):
     """The pydoc_topics split as one byte-token stream (BOS ... EOS per document)."""
     spec = sources.SourceSpec("named", "pydoc_topics")
@@ -132,7 +138,7 @@ def test_pydoc_topics_no_shared_paragraphs_across_splits():
 
 
 def test_split_token_counts():
-    counts = pipeline.split_token_counts(make_config())
+    counts = split_token_counts(make_config())
     for split, docs in sources.pydoc_topics().items():
         assert counts[split] == sum(len(d.encode()) + 2 for d in docs)
 
@@ -380,7 +386,7 @@ def assert_covers_once(batches, docs):
 def test_prepared_source_train_and_eval(prepared):
     path, docs = prepared["a"]
     config = make_config(batch_size=4, seq_len=32, source=f"prepared:{path}")
-    counts = pipeline.split_token_counts(config)
+    counts = split_token_counts(config)
     assert counts == {s: sum(d.size for d in docs[s]) for s in sources.SPLITS}
     train_bytes = np.concatenate(docs["train"]).astype("<i4").tobytes()
     for batch in take(pipeline.make_train_iterator(config), 10):
@@ -423,7 +429,7 @@ def test_files_source(tmp_path, caplog):
         (tmp_path / f"c{i}.txt").write_text(text)
     config = make_config(seq_len=16, source=f"files:{tmp_path}/*")
     with caplog.at_level("WARNING"):
-        counts = pipeline.split_token_counts(config)
+        counts = split_token_counts(config)
     assert "skipped 2 records" in caplog.text and "a.jsonl:4" in caplog.text
     by_split = {s: [] for s in sources.SPLITS}
     for text in texts:

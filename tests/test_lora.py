@@ -260,7 +260,7 @@ def test_int8_base_is_close_to_the_float_base_and_a_third_of_its_kernels(trained
     exp8 = Experiment.from_config(config)
     base = pretrained.load(config.model.init_from, exp8.abstract_base)
     frozen8 = exp8.init_state(base=base).frozen[BASE]  # the same base, quantized
-    kernels8 = nnx.state(frozen8, lora.Frozen)
+    kernels8 = nnx.state(frozen8, lora.Quantized)
     kernels = nnx.state(initial.frozen[BASE], lambda path, _: path[-1] in lora.KERNEL_NAMES)
     assert _nbytes(kernels8) < 0.3 * _nbytes(kernels)  # int8 + one f32 scale per column
     model_params8 = nnx.merge_state(initial.params, frozen8)

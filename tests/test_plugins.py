@@ -79,6 +79,15 @@ def test_eval_mode_evaluates_a_checkpoint_without_training(regression_runs):
     assert read_metrics(straight)[-1] == _events(straight, "val")[40]
 
 
+def test_eval_mode_evaluates_init_from_weights_when_the_workdir_has_none(regression_runs, tmp_path):
+    straight, _ = regression_runs
+    result = run_main(tmp_path, *REGRESSION, "--mode=eval", f"--config.model.init_from={straight}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [event] = read_metrics(tmp_path)
+    trained = _events(straight, "val")[60]
+    assert event == {**trained, "step": 0}  # the trained weights, at step 0 of this workdir
+
+
 def test_eval_mode_with_nothing_to_evaluate_says_what_to_do(tmp_path):
     result = run_main(tmp_path, *REGRESSION, "--mode=eval")
     assert result.returncode != 0

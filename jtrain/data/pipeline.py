@@ -170,12 +170,6 @@ def _split_examples(s: _Settings, split: str):
     return parts[0] if len(parts) == 1 else row_kinds.builder_for(parts[0]).concat(parts)
 
 
-def split_token_counts(config) -> dict[str, int]:
-    """Returns the number of tokens in each split (summed over a mixture's sources)."""
-    s = _settings(config, 0, 1)
-    return {split: _split_examples(s, split).num_tokens for split in sources.SPLITS}
-
-
 def _data_seeds(seed: int, source_index: int = 0) -> tuple[int, int]:
     """Returns (shuffle seed, cut-offset seed) of a mixture's source, both in [0, 2**32)."""
     # Grain reseeds epoch e with shuffle seed + e; hashing the config seed keeps runs with

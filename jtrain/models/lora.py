@@ -44,7 +44,7 @@ class LoRAParam(nnx.Param):
     """A trainable adapter matrix; every other parameter of a LoRA model is frozen."""
 
 
-class Frozen(nnx.Variable):
+class Quantized(nnx.Variable):
     """A frozen array that is not a float parameter: int8 kernel values and their scales."""
 
 
@@ -212,9 +212,9 @@ class Int8Kernel(nnx.Module):
         scale = jnp.max(jnp.abs(w), axis=in_dims, keepdims=True) / 127.0
         scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero channel stays exactly zero
         values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-        self.values = Frozen(values, out_sharding=axes, eager_sharding=False)
+        self.values = Quantized(values, out_sharding=axes, eager_sharding=False)
         scale_axes = (*axes[:lead], *(None,) * contract, *axes[lead + contract :])
-        self.scale = Frozen(scale, out_sharding=scale_axes, eager_sharding=False)
+        self.scale = Quantized(scale, out_sharding=scale_axes, eager_sharding=False)
         self.axes = axes
 
     def __getitem__(self, index) -> jax.Array:
