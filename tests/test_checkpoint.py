@@ -133,7 +133,8 @@ def test_the_logged_lr_is_the_rate_applied_after_a_skipped_step():
         batch = {"inputs": tokens, "targets": tokens, "loss_weight": np.ones((16, 32), np.float32)}
         state, metrics = exp.train_step(state, exp.global_batch(batch))
     assert int(state.step) == 3 and int(state.skipped) == 1
-    assert float(metrics["lr"]) == float(exp.schedule(1)) != float(exp.schedule(2))
+    assert float(metrics["lr"]) == pytest.approx(float(exp.schedule(1)), rel=1e-6)
+    assert float(exp.schedule(2)) > 1.5 * float(exp.schedule(1))  # in warmup: clearly apart
 
 
 def _exploding(**overrides):
