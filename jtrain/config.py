@@ -42,12 +42,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise
     except ValueError as err:  # the data package names its keys without "config."
         message = str(err)
-        raise ConfigError(f"config.{message}" if message.startswith("data.") else message) from None
+        keyed = message.startswith(("data.", "train.", "eval.", "seed"))
+        raise ConfigError(f"config.{message}" if keyed else message) from None
 
 
 def _validate_loop(config) -> None:
     t = config.train
-    positive_ints(t, "train", ["steps", "batch_size", "seq_len", "microbatches", "log_every"])
+    # train.batch_size, train.seq_len, eval.steps and seed: the data pipeline's (it builds
+    # the batches).
+    positive_ints(t, "train", ["steps", "microbatches", "log_every"])
     one_of("train.on_nonfinite", t.on_nonfinite, ("halt", "skip"))
     require(
         t.batch_size % t.microbatches == 0,
@@ -57,7 +60,6 @@ def _validate_loop(config) -> None:
     )
     e = config.eval
     require(e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0 (0 = at the end)")
-    require(e.steps == -1 or e.steps > 0, "eval.steps", e.steps, "must be -1 (all) or positive")
     one_of("eval.split", e.split, ("val", "test"))
     require(e.sample_tokens >= 0, "eval.sample_tokens", e.sample_tokens, "must be >= 0")
     temperature = e.sample_temperature

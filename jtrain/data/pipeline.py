@@ -101,8 +101,14 @@ def _get_tokenizer(spec) -> tokenizers.Tokenizer:
 
 
 def validate_data_config(config, task: Task | None = None) -> None:
-    """Raises a ValueError naming the `data.*` key whose value cannot work (fast: no reads)."""
+    """Raises a ValueError naming the key whose value cannot work (fast: no reads).
+
+    The pipeline owns `data.*` and the keys that shape its batches: `train.seq_len`,
+    `train.batch_size`, `eval.steps` and `seed`.
+    """
     _validated(config, task or tasks.get(config))
+    _settings(config, 0, 1, task)
+    _eval_steps(config)
 
 
 def _validated(config, task: Task) -> tuple[tuple[sources.SourceSpec, ...], tokenizers.Tokenizer]:
