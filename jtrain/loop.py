@@ -95,7 +95,7 @@ class Loop:
             previous = (step, step_metrics)
             preempted = preemption.reached(step)
             due = [h for h in self.hooks if h.due(step, last=step == last, preempted=preempted)]
-            if not due:
+            if not (due or preempted):
                 continue
             self._finish(*previous)
             previous = None
@@ -106,6 +106,8 @@ class Loop:
                 self.ckpts.wait()
                 print(f"jtrain: preempted; saved step {step} in {self.ckpts.directory}", flush=True)
                 return state, True
+        if previous is not None:  # no hook was due after the last step
+            self._finish(*previous)
         return state, False
 
     def _compile(self, state: TrainState, batch, step: int):
