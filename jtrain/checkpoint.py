@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -77,13 +76,6 @@ def shape_mismatches(saved_tree, expected_tree) -> list[str]:
     return packed_state.shape_problems(
         packed_state.shapes(saved_tree), packed_state.shapes(expected_tree)
     )
-
-
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    """True when every float in the tree is finite."""
-    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, np.floating)]
-    return jax.numpy.all(jax.numpy.array([jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves]))
 
 
 def _item_handlers() -> dict:

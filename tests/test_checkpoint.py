@@ -164,7 +164,8 @@ def test_skip_policy_goes_on_and_never_writes_a_non_finite_checkpoint(tmp_path):
     ckpts = checkpoint.Checkpoints(tmp_path, _exploding().checkpoint)
     state, _, step = ckpts.restore_latest(exp.abstract_sharded_state())
     assert step == 20 and int(state.skipped) >= len(skipped)
-    assert bool(checkpoint.all_finite(state))
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
 @pytest.fixture(scope="module")

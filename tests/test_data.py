@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from jtrain.data import pipeline, sources, token_rows, tokenizers
+from jtrain.data import embedded, pipeline, sources, token_rows, tokenizers
 
 _CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 TOK = tokenizers.ByteTokenizer()
@@ -112,7 +112,7 @@ def test_split_of_known_values():
 
 
 def test_pydoc_topics_splits():
-    docs = sources.load_source("pydoc_topics")
+    docs = embedded.pydoc_topics()
     assert set(docs) == set(sources.SPLITS)
     assert sum(len(d) for d in docs.values()) == len(topics)  # each topic in exactly one split
     total = sum(len(text.encode()) for text in topics.values())
@@ -121,16 +121,16 @@ def test_pydoc_topics_splits():
         assert docs[split] == [topics[n] for n in sorted(topics) if topics[n] in in_split]
         assert sum(len(text.encode()) for text in docs[split]) >= 0.05 * total
     docs["train"].clear()  # callers get copies
-    assert sources.load_source("pydoc_topics")["train"]
+    assert embedded.pydoc_topics()["train"]
     with pytest.raises(ValueError, match="'wiki'.*allowed: pydoc_topics"):
-        sources.load_source("wiki")
+        sources.parse_spec("wiki")
 
 
 def test_pydoc_topics_no_shared_paragraphs_across_splits():
     def paragraphs(texts):
         return {p.strip() for text in texts for p in text.split("\n\n") if len(p.strip()) >= 200}
 
-    docs = sources.pydoc_topics()
+    docs = embedded.pydoc_topics()
     train = paragraphs(docs["train"])
     assert not train & paragraphs(docs["val"])
     assert not train & paragraphs(docs["test"])
@@ -139,7 +139,7 @@ def test_pydoc_topics_no_shared_paragraphs_across_splits():
 
 def test_split_token_counts():
     counts = split_token_counts(make_config())
-    for split, docs in sources.pydoc_topics().items():
+    for split, docs in embedded.pydoc_topics().items():
         assert counts[split] == sum(len(d.encode()) + 2 for d in docs)
 
 
@@ -479,7 +479,7 @@ def test_mixture_restore_processes_and_eval(prepared):
             joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
             np.testing.assert_array_equal(joined, value)
     # Evaluation walks the sources' splits one after the other, in spec order.
-    pydoc_val = [TOK.encode(t) for t in sources.pydoc_topics()["val"]]
+    pydoc_val = [TOK.encode(t) for t in embedded.pydoc_topics()["val"]]
     docs = prepared["a"][1]["val"] + pydoc_val + prepared["b"][1]["val"]
     assert_covers_once(list(pipeline.eval_batches(config, "val")), docs)
 
@@ -506,7 +506,7 @@ def test_packed_eval_covers_every_target_once(split):
     for batch in batches:
         assert set(batch) == {"inputs", "targets", "loss_weight", "segment_ids", "positions"}
         assert all(v.shape == (6, 100) for v in batch.values())
-    assert_covers_once(batches, [TOK.encode(t) for t in sources.pydoc_topics()[split]])
+    assert_covers_once(batches, [TOK.encode(t) for t in embedded.pydoc_topics()[split]])
     assert_batches_equal(batches, list(pipeline.eval_batches(config, split)))
     halves = [
         list(pipeline.eval_batches(config, split, process_index=p, process_count=2)) for p in (0, 1)

@@ -15,7 +15,7 @@ import pytest
 
 from jtrain import config as config_lib
 from jtrain import export, run
-from jtrain.data import pipeline, sources
+from jtrain.data import embedded, pipeline, sources
 from jtrain.metrics import read_metrics
 from tests.conftest import REPO, tiny_config
 
@@ -170,12 +170,12 @@ def test_unsupported_hugging_face_architecture_is_a_config_error(tmp_path):
 
 
 def test_python_stdlib_corpus_is_split_by_module():
-    docs = sources.python_stdlib()
+    docs = embedded.python_stdlib()
     assert all(len(docs[split]) >= 5 for split in sources.SPLITS)
     assert sum(map(len, docs.values())) > 100  # the top-level modules of the standard library
     seen = [text for split in sources.SPLITS for text in docs[split]]
     assert len(seen) == len(set(seen))  # every module in one split only
-    assert docs == sources.python_stdlib()
+    assert docs == embedded.python_stdlib()
 
 
 def test_continued_pretraining_recipe_needs_its_base_run(tmp_path):

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from jtrain.data import readers, sources
+from jtrain.data import embedded, readers, sources
 from jtrain.data.records import BadRecord
 
 
@@ -256,6 +256,7 @@ def test_embedded_sets_keep_their_splits(name, sizes):
     if name == "python_docstrings":
         assert set(got[0][0]) == {"prompt", "response"}
     else:
-        assert [r["text"] for r in got[1]] == sources.load_source(name)["val"]
+        texts = {"pydoc_topics": embedded.pydoc_topics, "python_stdlib": embedded.python_stdlib}
+        assert [r["text"] for r in got[1]] == texts[name]()["val"]
     assert sources.source_names() == ("pydoc_topics", "python_stdlib")
     assert sources.source_names("chat") == ("python_docstrings",)

@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import io
 import json
 import pickle
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece
 import tokenizers as hf
@@ -241,7 +244,7 @@ def test_train_tokenizer_cli(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "vocab size: 400" in result.stdout
-    assert "skipped 2 malformed JSON lines" in result.stdout
+    assert "skipped 2 malformed records" in result.stdout
     tok = tokenizers.get_tokenizer(str(out))
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 400)
     ids = tok.encode(CORPUS, add_bos=False, add_eos=False)
@@ -256,8 +259,13 @@ def test_train_tokenizer_summary_and_errors(tmp_path):
     inputs = _write_inputs(tmp_path)
     summary = train_tokenizer.train(inputs, tmp_path / "out", vocab_size=400, show_progress=False)
     stats = summary.stats
-    jsonl_docs = CORPUS[len(CORPUS) // 3 : 2 * (len(CORPUS) // 3)].split("\n\n")
-    assert stats.documents == 2 + len(jsonl_docs)  # each text file is one document
+    third = len(CORPUS) // 3
+    jsonl_docs = CORPUS[third : 2 * third].split("\n\n")
+    text_lines = sum(
+        len(io.BytesIO(part.encode("utf-8")).readlines())
+        for part in (CORPUS[:third], CORPUS[2 * third :])
+    )
+    assert stats.documents == text_lines + len(jsonl_docs)  # a text line is a document
     assert stats.bytes == len(CORPUS.encode("utf-8")) - 2 * (len(jsonl_docs) - 1)
     assert stats.malformed == 2 and len(stats.examples) == 2
     assert "b.jsonl.gz:" in stats.examples[0]
@@ -267,16 +275,23 @@ def test_train_tokenizer_summary_and_errors(tmp_path):
     with pytest.raises(ValueError, match="vocab_size=100 is too small"):
         train_tokenizer.train(inputs, tmp_path / "o3", vocab_size=100)
     (tmp_path / "bad.txt.gz").write_bytes(b"not gzip")
-    with pytest.raises(ValueError, match="Cannot read input file .*bad.txt.gz"):
+    with pytest.raises(ValueError, match="bad.txt.gz: cannot read it as text"):
         train_tokenizer.train([str(tmp_path / "bad.txt.gz")], tmp_path / "o4", show_progress=False)
 
 
-def test_jsonl_field_and_bad_utf8(tmp_path):
-    (tmp_path / "d.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
-    (tmp_path / "e.txt").write_bytes(b"ok line\nbad \xff byte\n")
+def test_read_documents_formats_and_bad_records(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"body": "one"}\n{"body": 2}\n')
+    (tmp_path / "e.txt").write_bytes(b"ok line\nbad \xff byte\nlast")
+    (tmp_path / "f.ndjson.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(b'{"body": "three"}\n')
+    )
+    pq.write_table(pa.table({"body": ["four", None]}), tmp_path / "g.parquet")
     stats = train_tokenizer.ReadStats()
-    files = train_tokenizer.expand_inputs([str(tmp_path / "*")])
+    files = train_tokenizer.expand_inputs([str(tmp_path)])  # a directory is walked
     docs = list(train_tokenizer.read_documents(files, "body", stats))
-    assert docs == ["one", "two", "ok line\nbad \ufffd byte\n"]
-    assert (stats.documents, stats.malformed, stats.bad_utf8) == (3, 0, 1)
-    assert "e.txt:2: invalid UTF-8" in stats.examples[0]
+    assert docs == ["one", "ok line\n", "last", "three", "four"]  # text: a line per document
+    assert (stats.documents, stats.malformed, stats.bad_utf8) == (5, 2, 1)
+    assert stats.bytes == sum(len(doc.encode("utf-8")) for doc in docs)
+    assert "d.jsonl:2: field 'body' is int" in stats.examples[0]
+    assert "e.txt:2: invalid UTF-8 byte 0xff" in stats.examples[1]
+    assert "g.parquet:2: field 'body' is null" in stats.examples[2]

@@ -38,11 +38,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jtrain.data import docstrings as docstrings  # registers python_docstrings
+from jtrain.data import docstrings, embedded  # noqa: F401 - they register their record sets
 from jtrain.data import records
 from jtrain.data.documents import ArrayRecordDocuments, Documents, InMemoryDocuments
-from jtrain.data.embedded import pydoc_topics as pydoc_topics
-from jtrain.data.embedded import python_stdlib as python_stdlib
 from jtrain.data.records import SPLITS as SPLITS
 from jtrain.data.records import BadRecord, Records, Skipped, SplitKey, registered, registered_names
 from jtrain.data.records import register as register
@@ -54,13 +52,6 @@ _log = logging.getLogger(__name__)
 def source_names(holds: str = "text") -> tuple[str, ...]:
     """Returns the registered record sets of `holds` records ("text" or "chat"), sorted."""
     return registered_names(holds)
-
-
-def load_source(name: str) -> dict[str, list[str]]:
-    """Returns the texts of the registered text set `name` per split."""
-    if name not in source_names():
-        raise ValueError(f"Unknown data source {name!r}; allowed: {', '.join(source_names())}.")
-    return {split: [r["text"] for r in registered(name)(split)] for split in SPLITS}
 
 
 # Source specs: what config.data.source names.

@@ -3,10 +3,12 @@
     python -m jtrain.data.train_tokenizer --input='DIR/*.txt' [--input=more.jsonl.gz] \\
         --output=OUT_DIR --vocab_size=8000 [--text_field=text] [--min_frequency=2]
 
-Inputs are globs of plain text files (a whole file is one document) and JSON Lines files
-(`.jsonl`, one document per line in --text_field), each optionally gzip (`.gz`) or zstd (`.zst`)
-compressed. Text streams from disk into the trainer and is never all in memory; malformed
-JSON lines are skipped and counted. Writes OUT_DIR/tokenizer.json and
+Inputs are globs or directories of files read by the shared reader (`readers.py`): plain text
+(one document per line), JSON Lines (`.jsonl`, `.json`, `.ndjson`: one document per line in
+--text_field) and Parquet (`.parquet`, `.pq`: --text_field's column), text and JSON optionally
+gzip (`.gz`) or zstd (`.zst`) compressed. Text streams from disk into the trainer and is never
+all in memory; records that are malformed, lack a string --text_field or hold invalid UTF-8 are
+skipped, counted and quoted by `path:line`. Writes OUT_DIR/tokenizer.json and
 OUT_DIR/tokenizer_config.json, which `tokenizers.get_tokenizer(OUT_DIR)` loads with
 <pad>, <bos>, <eos> (ids 0, 1, 2) as PAD/BOS/EOS.
 """
@@ -14,35 +16,30 @@ OUT_DIR/tokenizer_config.json, which `tokenizers.get_tokenizer(OUT_DIR)` loads w
 from __future__ import annotations
 
 import dataclasses
-import glob
-import gzip
-import io
 import json
 import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
-import zstandard
 from absl import app, flags
 
+from jtrain.data import readers
 from jtrain.data import tokenizers as jtokenizers
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
-_CHUNK_CHARS = 1 << 20  # plain text reaches the trainer in chunks of whole lines
 _SAMPLE_BYTES = 16 << 20  # compression is measured on this much of the training text
-_MAX_EXAMPLES = 3  # malformed lines quoted in the summary
+_MAX_EXAMPLES = 3  # skipped records quoted in the summary
 
 
 @dataclasses.dataclass
 class ReadStats:
-    """What reading the inputs saw; bad lines are counted, never silently dropped."""
+    """What reading the inputs saw; bad records are counted, never silently dropped."""
 
     documents: int = 0
     bytes: int = 0
-    malformed: int = 0  # JSON lines skipped
-    bad_utf8: int = 0  # text lines with invalid UTF-8, kept with U+FFFD
+    malformed: int = 0  # records skipped: bad JSON, no string --text_field
+    bad_utf8: int = 0  # records skipped for invalid UTF-8
     examples: list[str] = dataclasses.field(default_factory=list)
 
     def bad(self, where: str, why: str) -> None:
@@ -72,90 +69,34 @@ class TrainSummary:
         ]
         if s.malformed or s.bad_utf8:
             lines.append(
-                f"skipped {s.malformed:,} malformed JSON lines; "
-                f"{s.bad_utf8:,} text lines had invalid UTF-8 (kept as U+FFFD)"
+                f"skipped {s.malformed:,} malformed records (bad JSON or no string field) "
+                f"and {s.bad_utf8:,} with invalid UTF-8"
             )
             lines += [f"  e.g. {example}" for example in s.examples]
         return "\n".join(lines)
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Returns the files the globs `patterns` match, in order; matching none is an error."""
-    files: list[str] = []
-    for pattern in patterns:
-        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
-        matched = sorted(path for path in matched if os.path.isfile(path))
-        if not matched:
-            raise ValueError(f"--input={pattern!r} matches no files.")
-        files += matched
-    return list(dict.fromkeys(files))
-
-
-def _open(path: str) -> BinaryIO:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst"):
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
-
-
-def _is_jsonl(path: str) -> bool:
-    return path.removesuffix(".gz").removesuffix(".zst").endswith(".jsonl")
-
-
-def _jsonl_documents(path: str, f: BinaryIO, text_field: str, stats: ReadStats):
-    for number, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:  # also invalid UTF-8
-            stats.malformed += 1
-            stats.bad(f"{path}:{number}", f"not JSON ({e})")
-            continue
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            stats.malformed += 1
-            stats.bad(f"{path}:{number}", f"no string field {text_field!r}")
-            continue
-        stats.documents += 1
-        stats.bytes += len(text.encode("utf-8"))
-        yield text
-
-
-def _text_chunks(path: str, f: BinaryIO, stats: ReadStats):
-    # One document, handed over in chunks of whole lines so a huge file never sits in memory.
-    chunk: list[str] = []
-    size = number = 0
-    for number, line in enumerate(f, 1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            text = line.decode("utf-8", errors="replace")
-            stats.bad_utf8 += 1
-            stats.bad(f"{path}:{number}", f"invalid UTF-8 ({e.reason})")
-        stats.bytes += len(line)
-        chunk.append(text)
-        size += len(text)
-        if size >= _CHUNK_CHARS:
-            yield "".join(chunk)
-            chunk, size = [], 0
-    if chunk:
-        yield "".join(chunk)
-    stats.documents += number > 0
+    """Returns the files `patterns` match (globs, `~`, directories walked); none is an error."""
+    return readers.expand_inputs([os.path.expanduser(pattern) for pattern in patterns])
 
 
 def read_documents(files: Sequence[str], text_field: str, stats: ReadStats) -> Iterator[str]:
-    """Yields the text of every document in `files` (plain text in chunks), counting in `stats`."""
+    """Yields the text of every document in `files`, counting what it reads in `stats`."""
     for path in files:
-        try:
-            with _open(path) as f:
-                if _is_jsonl(path):
-                    yield from _jsonl_documents(path, f, text_field, stats)
+        # text_mode="line": the reader's "file" mode reads a whole text file at once, while a
+        # line at a time keeps memory bounded, and a BPE trainer needs no document boundaries.
+        for record in readers.iter_file_records(path, text_field=text_field, text_mode="line"):
+            if record.text is None:
+                if record.error == "invalid_utf8":
+                    stats.bad_utf8 += 1
                 else:
-                    yield from _text_chunks(path, f, stats)
-        except (OSError, EOFError, zstandard.ZstdError) as e:  # unreadable or corrupt
-            raise ValueError(f"Cannot read input file {path}: {e}") from e
+                    stats.malformed += 1
+                stats.bad(record.source, record.reason)
+                continue
+            stats.documents += 1
+            stats.bytes += len(record.text.encode("utf-8"))
+            yield record.text
 
 
 def _bytes_per_token(tok: jtokenizers.Tokenizer, docs: Iterator[str]) -> tuple[float, int]:
@@ -232,11 +173,13 @@ def train(
 
 
 _INPUT = flags.DEFINE_multi_string(
-    "input", None, "Glob of input files: text, .jsonl, optionally .gz/.zst; repeatable."
+    "input", None, "Glob or directory of text, .jsonl, .parquet files (.gz/.zst ok); repeatable."
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for tokenizer.json and its config.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size, special tokens included.")
-_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "The text field of .jsonl records.")
+_TEXT_FIELD = flags.DEFINE_string(
+    "text_field", "text", "The text field of JSON and Parquet records."
+)
 _MIN_FREQUENCY = flags.DEFINE_integer("min_frequency", 2, "Fewest occurrences for a merge.")
 flags.mark_flags_as_required(["input", "output"])
 
