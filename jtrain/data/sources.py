@@ -38,8 +38,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jtrain.data import docstrings, embedded  # noqa: F401 - they register their record sets
-from jtrain.data import records
+# docstrings and embedded register their record sets on import.
+from jtrain.data import docstrings, embedded, records  # noqa: F401
 from jtrain.data.documents import ArrayRecordDocuments, Documents, InMemoryDocuments
 from jtrain.data.records import SPLITS as SPLITS
 from jtrain.data.records import BadRecord, Records, Skipped, SplitKey, registered, registered_names
