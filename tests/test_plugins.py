@@ -4,13 +4,17 @@ registry, and that nothing outside jtrain/tasks/ branches on which task runs."""
 import pathlib
 import re
 import shutil
+import time
 
+import numpy as np
 import pytest
 
+from jtrain import checkpoint, hooks, metrics, tasks
 from jtrain import config as config_lib
-from jtrain import tasks
+from jtrain.experiment import Experiment
+from jtrain.loop import Loop
 from jtrain.metrics import read_metrics
-from tests.conftest import REPO, run_main
+from tests.conftest import REPO, run_main, tiny_config
 
 REGRESSION = [
     "--config=configs/default.py",
@@ -118,3 +122,43 @@ def test_nothing_outside_tasks_branches_on_the_task():
         if pattern.search(line) and not line.lstrip().startswith("#")
     ]
     assert not offenders, "\n".join(offenders)
+
+
+class _StepEcho:
+    """A batch source that reads the state, as an RL rollout source does: it makes each batch
+    from the step the state is about to take."""
+
+    def __init__(self, exp):
+        self.exp, self.seen = exp, []
+
+    def next(self, state):
+        step = int(state.step)
+        self.seen.append(step)
+        tokens = np.full((16, 32), 3 + step, np.int32)
+        weight = np.ones((16, 32), np.float32)
+        return self.exp.global_batch({"inputs": tokens, "targets": tokens, "loss_weight": weight})
+
+    def get_state(self):
+        return {"seen": len(self.seen)}
+
+    def set_state(self, position):
+        pass
+
+
+def test_the_loop_takes_batches_from_a_source_that_reads_the_state(tmp_path):
+    config = tiny_config(train__steps=4, eval__every_steps=0, checkpoint__every_steps=0)
+    exp = Experiment.from_config(config)
+    source = _StepEcho(exp)
+    ckpts = checkpoint.Checkpoints(tmp_path, config.checkpoint)
+    with metrics.MetricWriter(str(tmp_path)) as writer:
+        train_log = hooks.TrainLog(every=1, last=config.train.steps)
+        loop = Loop(config, exp, source, [train_log], writer, ckpts, time.perf_counter())
+        state, preempted = loop.run(exp.init_state(), 0, _NeverPreempted())
+    ckpts.close()
+    assert source.seen == [0, 1, 2, 3] and int(state.step) == 4 and not preempted
+    assert sorted(_events(tmp_path, "train")) == [1, 2, 3, 4]
+
+
+class _NeverPreempted:
+    def reached(self, step):
+        return False
