@@ -2,7 +2,6 @@
 
 import gzip
 import hashlib
-import io
 import json
 import pickle
 import subprocess
@@ -18,7 +17,7 @@ import sentencepiece
 import tokenizers as hf
 import zstandard
 
-from jtrain.data import tokenizers, train_tokenizer
+from jtrain.data import readers, tokenizers, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = "".join(topics[key] for key in sorted(topics))[:24_000]
@@ -259,13 +258,8 @@ def test_train_tokenizer_summary_and_errors(tmp_path):
     inputs = _write_inputs(tmp_path)
     summary = train_tokenizer.train(inputs, tmp_path / "out", vocab_size=400, show_progress=False)
     stats = summary.stats
-    third = len(CORPUS) // 3
-    jsonl_docs = CORPUS[third : 2 * third].split("\n\n")
-    text_lines = sum(
-        len(io.BytesIO(part.encode("utf-8")).readlines())
-        for part in (CORPUS[:third], CORPUS[2 * third :])
-    )
-    assert stats.documents == text_lines + len(jsonl_docs)  # a text line is a document
+    jsonl_docs = CORPUS[len(CORPUS) // 3 : 2 * (len(CORPUS) // 3)].split("\n\n")
+    assert stats.documents == 2 + len(jsonl_docs)  # each (small) text file is one document
     assert stats.bytes == len(CORPUS.encode("utf-8")) - 2 * (len(jsonl_docs) - 1)
     assert stats.malformed == 2 and len(stats.examples) == 2
     assert "b.jsonl.gz:" in stats.examples[0]
@@ -289,9 +283,21 @@ def test_read_documents_formats_and_bad_records(tmp_path):
     stats = train_tokenizer.ReadStats()
     files = train_tokenizer.expand_inputs([str(tmp_path)])  # a directory is walked
     docs = list(train_tokenizer.read_documents(files, "body", stats))
-    assert docs == ["one", "ok line\n", "last", "three", "four"]  # text: a line per document
+    assert docs == ["one", "ok line\n", "last", "three", "four"]  # a bad line splits the text
     assert (stats.documents, stats.malformed, stats.bad_utf8) == (5, 2, 1)
     assert stats.bytes == sum(len(doc.encode("utf-8")) for doc in docs)
     assert "d.jsonl:2: field 'body' is int" in stats.examples[0]
     assert "e.txt:2: invalid UTF-8 byte 0xff" in stats.examples[1]
     assert "g.parquet:2: field 'body' is null" in stats.examples[2]
+
+
+def test_read_documents_streams_text_in_whole_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_tokenizer, "_CHUNK_BYTES", 1000)
+    (tmp_path / "big.txt").write_bytes(b"\xef\xbb\xbf" + CORPUS.encode("utf-8"))
+    stats = train_tokenizer.ReadStats()
+    docs = list(train_tokenizer.read_documents([str(tmp_path / "big.txt")], "text", stats))
+    assert "".join(docs) == CORPUS  # byte order mark dropped, nothing else
+    assert len(docs) > len(CORPUS.encode("utf-8")) // 2000 and stats.documents == len(docs)
+    assert all(doc.endswith("\n") for doc in docs[:-1])
+    with pytest.raises(ValueError, match="chunk_bytes must be None or >= 1"):
+        readers.iter_file_rows(str(tmp_path / "big.txt"), chunk_bytes=0)

@@ -2,14 +2,15 @@
 
 `iter_file_rows` is the one file reader: it picks a format by extension (or `fmt`), undoes
 gzip/zstd by suffix and streams a `Row` per record: a JSONL line's object, a Parquet row as a
-dict of its columns, or a text file as `{text_key: contents}` (one per file, or one per line
-with text_mode="line"). JSONL and text lines go a line at a time, Parquet a record batch at a
-time, so inputs larger than memory are fine. A record that cannot be read is not dropped here:
-it comes out with `error` set ("malformed", "invalid_utf8") and a short `reason`, so the caller
-can count and report it by `path:line`; a file that cannot be read at all raises a ValueError.
-Bytes are decoded with errors="strict", because a codec's silent replacement would hide
-invalid UTF-8. `iter_records` (for `jtrain.data.prepare`) builds on it: one text per record,
-taken from `text_field`, with `ERRORS` naming why a record has none.
+dict of its columns, or a text file as `{text_key: contents}` (one per file, one per line with
+text_mode="line", or pieces of whole lines with `chunk_bytes`). JSONL and text lines go a line
+at a time, Parquet a record batch at a time, so inputs larger than memory are fine (text_mode
+"file" holds a whole text file unless `chunk_bytes` is set). A record that cannot be read is
+not dropped here: it comes out with `error` set ("malformed", "invalid_utf8") and a short
+`reason`, so the caller can count and report it by `path:line`; a file that cannot be read at
+all raises a ValueError. Bytes are decoded with errors="strict", because a codec's silent
+replacement would hide invalid UTF-8. `iter_records` (for `jtrain.data.prepare`) builds on it:
+one text per record, taken from `text_field`, with `ERRORS` naming why a record has none.
 """
 
 from __future__ import annotations
@@ -153,8 +154,36 @@ def _newlines(text: str, universal: bool) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n") if universal else text
 
 
-def _text_rows(path: str, text_mode: str, text_key: str, universal: bool) -> Iterator[Row]:
+def _text_chunk_rows(
+    f: BinaryIO, path: str, text_key: str, universal: bool, chunk_bytes: int
+) -> Iterator[Row]:
+    """A text file as rows of whole lines of about `chunk_bytes`; a bad line is an error row."""
+    parts: list[str] = []
+    first = size = 0  # the chunk's first line and its bytes
+    for line_no, raw in enumerate(f, start=1):
+        if line_no == 1:
+            raw = raw.removeprefix(_BOM)
+        text, bad = _decode(raw, path, line_no)
+        if bad is None:
+            first = first or line_no
+            parts.append(text)
+            size += len(raw)
+        if parts and (bad is not None or size >= chunk_bytes):
+            yield Row({text_key: _newlines("".join(parts), universal)}, path, first, nbytes=size)
+            parts, first, size = [], 0, 0
+        if bad is not None:
+            yield bad
+    if parts:
+        yield Row({text_key: _newlines("".join(parts), universal)}, path, first, nbytes=size)
+
+
+def _text_rows(
+    path: str, text_mode: str, text_key: str, universal: bool, chunk_bytes: int | None
+) -> Iterator[Row]:
     with open_binary(path) as f:
+        if text_mode == "file" and chunk_bytes is not None:
+            yield from _text_chunk_rows(f, path, text_key, universal, chunk_bytes)
+            return
         if text_mode == "file":
             data = f.read().removeprefix(_BOM)
             try:
@@ -219,20 +248,25 @@ def iter_file_rows(
     text_key: str = "text",
     columns: list[str] | None = None,
     universal_newlines: bool = False,
+    chunk_bytes: int | None = None,
 ) -> Iterator[Row]:
     """Returns an iterator of one `Row` per record of the file `path` (no glob expansion).
 
     Text files give `{text_key: text}`; `columns` limits the Parquet columns read (default:
-    all); `universal_newlines` reads CR LF and CR in text files as LF, as Python's text mode.
+    all); `universal_newlines` reads CR LF and CR in text files as LF, as Python's text mode;
+    `chunk_bytes` makes text_mode="file" give a text file as rows of whole lines of about that
+    many bytes (each row's `line` is its first), so a large file is never all in memory.
     """
     check_options(text_mode, fmt)
+    if chunk_bytes is not None and chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be None or >= 1, got {chunk_bytes!r}.")
     kind = detect_format(path) if fmt == "auto" else fmt
     if kind == "jsonl":
         rows = _jsonl_rows(path)
     elif kind == "parquet":
         rows = _parquet_rows(path, columns)
     else:
-        rows = _text_rows(path, text_mode, text_key, universal_newlines)
+        rows = _text_rows(path, text_mode, text_key, universal_newlines, chunk_bytes)
     return _file_errors_named(path, kind, rows)
 
 
@@ -269,11 +303,24 @@ def _text_record(row: Row, text_field: str) -> Record:
 
 
 def iter_file_records(
-    path: str, *, text_field: str = "text", text_mode: str = "file", fmt: str = "auto"
+    path: str,
+    *,
+    text_field: str = "text",
+    text_mode: str = "file",
+    fmt: str = "auto",
+    chunk_bytes: int | None = None,
 ) -> Iterator[Record]:
-    """Returns an iterator of one `Record` per document of the file `path` (no glob expansion)."""
+    """Returns an iterator of one `Record` per document of the file `path` (no glob expansion).
+
+    `chunk_bytes` is as for `iter_file_rows`: a text file's "document" comes in pieces.
+    """
     rows = iter_file_rows(
-        path, text_mode=text_mode, fmt=fmt, text_key=text_field, columns=[text_field]
+        path,
+        text_mode=text_mode,
+        fmt=fmt,
+        text_key=text_field,
+        columns=[text_field],
+        chunk_bytes=chunk_bytes,
     )
     return (_text_record(row, text_field) for row in rows)
 

@@ -4,7 +4,7 @@
         --output=OUT_DIR --vocab_size=8000 [--text_field=text] [--min_frequency=2]
 
 Inputs are globs or directories of files read by the shared reader (`readers.py`): plain text
-(one document per line), JSON Lines (`.jsonl`, `.json`, `.ndjson`: one document per line in
+(a whole file is one document), JSON Lines (`.jsonl`, `.json`, `.ndjson`: one document per line in
 --text_field) and Parquet (`.parquet`, `.pq`: --text_field's column), text and JSON optionally
 gzip (`.gz`) or zstd (`.zst`) compressed. Text streams from disk into the trainer and is never
 all in memory; records that are malformed, lack a string --text_field or hold invalid UTF-8 are
@@ -28,6 +28,7 @@ from jtrain.data import readers
 from jtrain.data import tokenizers as jtokenizers
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
+_CHUNK_BYTES = 1 << 20  # plain text reaches the trainer in pieces of whole lines this big
 _SAMPLE_BYTES = 16 << 20  # compression is measured on this much of the training text
 _MAX_EXAMPLES = 3  # skipped records quoted in the summary
 
@@ -36,7 +37,7 @@ _MAX_EXAMPLES = 3  # skipped records quoted in the summary
 class ReadStats:
     """What reading the inputs saw; bad records are counted, never silently dropped."""
 
-    documents: int = 0
+    documents: int = 0  # texts given to the trainer; a text file over _CHUNK_BYTES gives several
     bytes: int = 0
     malformed: int = 0  # records skipped: bad JSON, no string --text_field
     bad_utf8: int = 0  # records skipped for invalid UTF-8
@@ -84,9 +85,13 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
 def read_documents(files: Sequence[str], text_field: str, stats: ReadStats) -> Iterator[str]:
     """Yields the text of every document in `files`, counting what it reads in `stats`."""
     for path in files:
-        # text_mode="line": the reader's "file" mode reads a whole text file at once, while a
-        # line at a time keeps memory bounded, and a BPE trainer needs no document boundaries.
-        for record in readers.iter_file_records(path, text_field=text_field, text_mode="line"):
+        # chunk_bytes: plain "file" mode would read a whole text file into memory. Not
+        # text_mode="line": lines split "\n" from the indentation after it, so the trainer
+        # never learns those merges (5% worse compression and 1.7x slower training on 30 MB).
+        records = readers.iter_file_records(
+            path, text_field=text_field, text_mode="file", chunk_bytes=_CHUNK_BYTES
+        )
+        for record in records:
             if record.text is None:
                 if record.error == "invalid_utf8":
                     stats.bad_utf8 += 1
