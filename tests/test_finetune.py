@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jtrain import config as config_lib
-from jtrain import export, run
+from jtrain import export, run, runs
 from jtrain.data import embedded, pipeline, sources
 from jtrain.metrics import read_metrics
 from tests.conftest import REPO, tiny_config
@@ -132,7 +132,7 @@ def test_export_writes_the_trained_weights_for_transformers(finetuned, llama_dir
     out = str(tmp_path / "exported")
     assert export.export_hf(workdir, out) == "llama"
     tokens = np.random.default_rng(0).integers(0, 259, (2, 24))
-    trained = np.asarray(export.trained_model(workdir)(jnp.asarray(tokens)))
+    trained = np.asarray(runs.trained_model(workdir)(jnp.asarray(tokens)))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     np.testing.assert_allclose(_torch_logits(reloaded, tokens), trained, atol=1e-5)
     assert np.max(np.abs(_torch_logits(original, tokens) - trained)) > 1e-3

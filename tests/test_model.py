@@ -83,7 +83,7 @@ def _reference_attention(attn: layers.Attention, x, groups: int):
 def test_grouped_query_attention_shares_each_kv_head_across_its_query_group():
     attn = layers.Attention(SMALL, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (2, 9, SMALL.d_model))
-    out = attn(x, jnp.broadcast_to(jnp.arange(9), (2, 9)), None)
+    out, _ = attn(x, jnp.broadcast_to(jnp.arange(9), (2, 9)), None)
     groups = SMALL.n_heads // SMALL.n_kv_heads
     np.testing.assert_allclose(out, _reference_attention(attn, x, groups), rtol=1e-5, atol=1e-6)
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 
 def param(
@@ -185,6 +185,27 @@ def _add_bias(x: jax.Array, bias: Bias | None) -> jax.Array:
     return x if bias is None else bias(x)
 
 
+@struct.dataclass
+class KVCache:
+    """One layer's keys and values for decoding: slots [B, S, G, K], written in order.
+
+    `index` is the first slot this call writes; `mask` [B, 1, T, S] says which cached slots
+    each of the T new tokens may attend to (the sampler builds it once for every layer).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+    mask: jax.Array
+
+    def write(self, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array) -> KVCache:
+        """The cache with T new keys and values stored from slot `index` on."""
+        at = (0, self.index, 0, 0)
+        k = jax.lax.dynamic_update_slice(self.k, k_BxTxGxK.astype(self.k.dtype), at)
+        v = jax.lax.dynamic_update_slice(self.v, v_BxTxGxK.astype(self.v.dtype), at)
+        return self.replace(k=k, v=v)
+
+
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with rotary embeddings (unless positions are learned)."""
 
@@ -217,25 +238,36 @@ class Attention(nnx.Module):
         positions_BxL: jax.Array,
         mask_Bx1xLxL: jax.Array | None,
         dropout_rng: jax.Array | None = None,
-    ) -> jax.Array:
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The attention output and, when decoding, the cache with this call's keys and values.
+
+        Without a cache the attention is causal over x itself (training, evaluation); with one,
+        x's keys and values are written at `cache.index` and x attends over the whole cache
+        through `cache.mask`, which already holds causality, padding and the sliding window.
+        """
         q = _add_bias(project(self, "q_DxHxK", x_BxLxD, dropout_rng), self.q_bias_HxK)
         k = _add_bias(project(self, "k_DxGxK", x_BxLxD, dropout_rng), self.k_bias_GxK)
         v = _add_bias(project(self, "v_DxGxK", x_BxLxD, dropout_rng), self.v_bias_GxK)
         if self.rope:
             q = apply_rope(q, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
             k = apply_rope(k, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
+        if cache is not None:
+            cache = cache.write(k, v)
+            k, v = cache.k, cache.v
         # Grouped-query attention: jax.nn.dot_product_attention shares each key/value head
         # across n_heads // n_kv_heads query heads, and can dispatch to cuDNN flash attention.
         out_BxLxHxK = jax.nn.dot_product_attention(
             q,
             k,
             v,
-            mask=mask_Bx1xLxL,
-            is_causal=True,
-            local_window_size=self.local_window,
+            mask=mask_Bx1xLxL if cache is None else cache.mask,
+            is_causal=cache is None,
+            local_window_size=self.local_window if cache is None else None,
             implementation=self.implementation,
         )
-        return _add_bias(project(self, "o_HxKxD", out_BxLxHxK, dropout_rng), self.o_bias_D)
+        out = _add_bias(project(self, "o_HxKxD", out_BxLxHxK, dropout_rng), self.o_bias_D)
+        return out, cache
 
 
 ACTIVATIONS = {

@@ -106,12 +106,13 @@ class Block(nnx.Module):
         self.mlp = layers.MLP(cfg, rngs=rngs)
         self.dropout_rate = cfg.dropout
 
-    def __call__(self, x_BxLxD, positions_BxL, mask, dropout_rng):
+    def __call__(self, x_BxLxD, positions_BxL, mask, dropout_rng, cache=None):
+        """The block's output and, when decoding, its attention's updated KV cache."""
         rng_attn, rng_mlp = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-        h = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask, rng_attn)
+        h, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask, rng_attn, cache)
         x_BxLxD = x_BxLxD + layers.dropout(h, self.dropout_rate, rng_attn)
         h = self.mlp(self.mlp_norm(x_BxLxD), rng_mlp)
-        return x_BxLxD + layers.dropout(h, self.dropout_rate, rng_mlp)
+        return x_BxLxD + layers.dropout(h, self.dropout_rate, rng_mlp), cache
 
 
 class Decoder(nnx.Module):
@@ -146,14 +147,9 @@ class Decoder(nnx.Module):
     ) -> jax.Array:
         """Final-normed hidden states [B, L, D] in the compute dtype."""
         cfg = self.cfg
-        dtype = DTYPES[cfg.dtype]
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
         mask = layers.attention_mask(segment_ids_BxL)
-        x_BxLxD = self.embed_VxD[...].astype(dtype)[tokens_BxL]
-        if cfg.positions == "learned":
-            x_BxLxD = x_BxLxD + self.pos_embed_LxD[...].astype(dtype)[positions_BxL]
-
         block_def, block_state = nnx.split(self.blocks)
         layer_rngs = None
         if dropout_rng is not None:
@@ -161,12 +157,40 @@ class Decoder(nnx.Module):
 
         def run_block(x, layer):
             state, rng = layer
-            return nnx.merge(block_def, state)(x, positions_BxL, mask, rng), None
+            return nnx.merge(block_def, state)(x, positions_BxL, mask, rng)[0], None
 
         if cfg.remat != "none":
             run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat])
+        x_BxLxD = self._embed(tokens_BxL, positions_BxL)
         x_BxLxD, _ = jax.lax.scan(run_block, x_BxLxD, (block_state, layer_rngs))
         return self.final_norm(x_BxLxD)
+
+    def decode(
+        self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: layers.KVCache
+    ) -> tuple[jax.Array, layers.KVCache]:
+        """Hidden states of T new tokens attending over the cache, and the updated cache.
+
+        `cache` holds every layer's keys and values stacked on a leading layers axis
+        ([n_layers, B, S, G, K]); the scan hands each block its own slice.
+        """
+        block_def, block_state = nnx.split(self.blocks)
+
+        def run_block(x, layer):
+            state, k, v = layer
+            layer_cache = cache.replace(k=k, v=v)
+            x, layer_cache = nnx.merge(block_def, state)(x, positions_BxT, None, None, layer_cache)
+            return x, (layer_cache.k, layer_cache.v)
+
+        x_BxTxD = self._embed(tokens_BxT, positions_BxT)
+        x_BxTxD, (k, v) = jax.lax.scan(run_block, x_BxTxD, (block_state, cache.k, cache.v))
+        return self.final_norm(x_BxTxD), cache.replace(k=k, v=v)
+
+    def _embed(self, tokens_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+        dtype = DTYPES[self.cfg.dtype]
+        x_BxLxD = self.embed_VxD[...].astype(dtype)[tokens_BxL]
+        if self.cfg.positions == "learned":
+            x_BxLxD = x_BxLxD + self.pos_embed_LxD[...].astype(dtype)[positions_BxL]
+        return x_BxLxD
 
 
 class Transformer(Decoder):
@@ -181,7 +205,10 @@ class Transformer(Decoder):
 
     def __call__(self, tokens_BxL: jax.Array, **trunk_options) -> jax.Array:
         """Returns float32 logits [B, L, V]; dropout only when a dropout_rng is given."""
-        x_BxLxD = self.hidden(tokens_BxL, **trunk_options)
+        return self.logits(self.hidden(tokens_BxL, **trunk_options))
+
+    def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        """The head: float32 next-token logits [B, L, V] of hidden states."""
         if self.cfg.tie_embeddings:
             unembed_DxV = self.embed_VxD[...].T
         else:

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jtrain import generate, models, tasks
+from jtrain import models, tasks
 from jtrain.data import sources, tokenizers
 from jtrain.models.transformer import TransformerConfig
+from jtrain.sampler import Sampler
 from jtrain.tasks.base import Batch, LossOutput, Task
 from jtrain.validation import require
 
@@ -88,15 +89,14 @@ class LMTask(Task):
             return
         tokenizer = tokenizers.get_tokenizer(self.config.data.tokenizer)
         ids, stop_id, shown_prompt = self.sample_prompt(tokenizer, e.sample_prompt)
-        new = generate.sample(
-            model,
-            np.asarray(ids),
+        [completion] = Sampler(model).generate(
+            [list(ids)],
             max_new_tokens=e.sample_tokens,
-            window=self.config.train.seq_len,
-            stop_id=stop_id,
+            stop_ids=[stop_id],
             temperature=e.sample_temperature,
             seed=self.config.seed,
         )
+        new = completion.tokens[: -1 if completion.finish_reason == "stop" else None]
         how = f"temperature {e.sample_temperature}" if e.sample_temperature else "greedy"
         print(f"sample ({how}):\n{shown_prompt}{tokenizer.decode(new)}", flush=True)
 

@@ -1,0 +1,201 @@
+"""Batched sampling from a decoder with a KV cache: one prefill pass, one compiled decode loop.
+
+Prompts of different lengths are left-padded into one [B, P] batch; every row's positions
+count its own tokens only (so padding never shifts RoPE or learned positions), and a key slot
+is attended to only if it holds a real token at or before the query and, with a sliding
+window, within it. The prompt is prefilled in one forward pass that writes every layer's keys
+and values into the cache; then a `lax.while_loop` on the device decodes one token per
+iteration for every row until each has met a stop token or the row's token budget.
+
+Shapes are bucketed (batch, prompt and new-token lengths each rounded up to a power of two),
+so a stream of requests compiles once per bucket. Every row has its own temperature, top-k and
+top-p, so requests with different settings share a batch. Each sampled token comes with its
+log-probability under the sampling distribution (the logits divided by the temperature,
+before top-k/top-p truncation): what an RL loss needs, equal to the training forward pass's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jtrain.models.layers import KVCache
+from jtrain.models.transformer import DTYPES
+
+_MIN_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = _MIN_BUCKET) -> int:
+    """The power of two at least max(n, minimum): the padded size of a dimension."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One row's result: the new tokens (a stop token included), their log-probabilities,
+    and why it ended: "stop" (a stop token) or "length" (max_new_tokens reached)."""
+
+    tokens: np.ndarray  # int32[n]
+    logprobs: np.ndarray  # float32[n]
+    finish_reason: str
+
+
+def sample_tokens(logits_BxV, rng, temperature_B, top_k_B, top_p_B):
+    """(token, log-probability) per row: greedy where the temperature is 0, else sampled from
+    the logits / temperature kept to the top_k (0 = all) and the top_p probability mass."""
+    greedy_B = temperature_B <= 0
+    scaled_BxV = logits_BxV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
+    logprobs_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
+    descending_BxV = -jnp.sort(-scaled_BxV, axis=-1)
+    vocab = logits_BxV.shape[-1]
+    kth_B = jnp.take_along_axis(descending_BxV, (jnp.clip(top_k_B, 1, vocab) - 1)[:, None], -1)
+    kth_B = jnp.where(top_k_B[:, None] > 0, kth_B, -jnp.inf)
+    # top-p: the smallest prefix of the sorted distribution whose mass reaches p.
+    mass_BxV = jnp.cumsum(jax.nn.softmax(descending_BxV, axis=-1), axis=-1)
+    last_B = jnp.sum(mass_BxV < top_p_B[:, None], axis=-1, keepdims=True)
+    nucleus_B = jnp.take_along_axis(descending_BxV, jnp.minimum(last_B, vocab - 1), -1)
+    keep_BxV = (scaled_BxV >= kth_B) & (scaled_BxV >= nucleus_B)
+    sampled_B = jax.random.categorical(rng, jnp.where(keep_BxV, scaled_BxV, -jnp.inf))
+    token_B = jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
+    return token_B, jnp.take_along_axis(logprobs_BxV, token_B[:, None], -1)[:, 0]
+
+
+def _attend_mask(slots_T, key_valid_BxS, key_pos_BxS, query_pos_BxT, window: int):
+    """[B, 1, T, S]: a query may see real keys at or before its slot (and within the window)."""
+    slots_S = jnp.arange(key_valid_BxS.shape[1])
+    mask = key_valid_BxS[:, None, :] & (slots_S[None, None, :] <= slots_T[None, :, None])
+    if window:
+        mask &= query_pos_BxT[:, :, None] - key_pos_BxS[:, None, :] < window
+    return mask[:, None]
+
+
+def _generate(state, prompts_BxP, lengths_B, max_new, stops, temperature_B, top_k_B, top_p_B,
+              rng, *, graphdef, new_bucket: int):  # fmt: skip
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    (batch, prompt_len), slots = prompts_BxP.shape, prompts_BxP.shape[1] + new_bucket
+    pads_B = prompt_len - lengths_B
+    slots_S = jnp.arange(slots)
+    key_valid_BxS = slots_S[None, :] >= pads_B[:, None]
+    key_pos_BxS = jnp.maximum(slots_S[None, :] - pads_B[:, None], 0)
+    cache_shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(cache_shape, DTYPES[cfg.dtype])  # keys and values in the compute dtype
+    window = cfg.sliding_window
+    sample = functools.partial(
+        sample_tokens, temperature_B=temperature_B, top_k_B=top_k_B, top_p_B=top_p_B
+    )
+
+    prompt_pos_BxP = key_pos_BxS[:, :prompt_len]
+    mask = _attend_mask(slots_S[:prompt_len], key_valid_BxS, key_pos_BxS, prompt_pos_BxP, window)
+    cache = KVCache(zeros, zeros, jnp.zeros((), jnp.int32), mask)
+    hidden, cache = model.decode(prompts_BxP, prompt_pos_BxP, cache)
+    token_B, logprob_B = sample(model.logits(hidden[:, -1:])[:, 0], jax.random.fold_in(rng, 0))
+    tokens_BxN = jnp.zeros((batch, new_bucket), jnp.int32).at[:, 0].set(token_B)
+    logprobs_BxN = jnp.zeros((batch, new_bucket), jnp.float32).at[:, 0].set(logprob_B)
+    done_B = jnp.isin(token_B, stops)
+
+    def more(carry):
+        i, _, _, _, done_B = carry
+        return (i < max_new) & ~jnp.all(done_B)
+
+    def step(carry):
+        i, (k, v), tokens_BxN, logprobs_BxN, done_B = carry
+        slot = prompt_len + i - 1  # where the last sampled token's key and value go
+        pos_Bx1 = (lengths_B + i - 1)[:, None]
+        mask = _attend_mask(slot[None], key_valid_BxS, key_pos_BxS, pos_Bx1, window)
+        last_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxN, i - 1, 1, axis=1)
+        hidden, cache = model.decode(last_Bx1, pos_Bx1, KVCache(k, v, slot, mask))
+        token_B, logprob_B = sample(model.logits(hidden)[:, 0], jax.random.fold_in(rng, i))
+        token_B = jnp.where(done_B, 0, token_B)
+        tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, token_B[:, None], i, 1)
+        logprob_B = jnp.where(done_B, 0.0, logprob_B)
+        logprobs_BxN = jax.lax.dynamic_update_slice_in_dim(logprobs_BxN, logprob_B[:, None], i, 1)
+        done_B |= jnp.isin(token_B, stops)
+        return i + 1, (cache.k, cache.v), tokens_BxN, logprobs_BxN, done_B
+
+    carry = (jnp.ones((), jnp.int32), (cache.k, cache.v), tokens_BxN, logprobs_BxN, done_B)
+    _, _, tokens_BxN, logprobs_BxN, _ = jax.lax.while_loop(more, step, carry)
+    return tokens_BxN, logprobs_BxN
+
+
+class Sampler:
+    """Generates completions of token prompts with a model that has `decode` and `logits`."""
+
+    def __init__(self, model: nnx.Module):
+        self.graphdef, self.state = nnx.split(model)
+        self.max_len = model.cfg.max_seq_len or None  # learned positions end somewhere
+        self._generate = jax.jit(
+            functools.partial(_generate, graphdef=self.graphdef), static_argnames="new_bucket"
+        )
+        self.buckets: set[tuple[int, int, int]] = set()  # (rows, prompt, new tokens) compiled
+
+    def compilations(self) -> int:
+        """How many shape buckets have been compiled so far."""
+        return self._generate._cache_size()
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        temperature: float | Sequence[float] = 0.0,
+        top_k: int | Sequence[int] = 0,
+        top_p: float | Sequence[float] = 1.0,
+        seed: int = 0,
+    ) -> list[Completion]:
+        """Completes every prompt; settings are one value or one per prompt."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        longest = max(len(p) for p in prompts)
+        if self.max_len and longest + max_new_tokens > self.max_len:
+            raise ValueError(
+                f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the "
+                f"model's {self.max_len} positions"
+            )
+        rows, width = bucket(len(prompts), 1), bucket(longest)
+        prompts_BxP = np.zeros((rows, width), np.int32)
+        lengths_B = np.ones(rows, np.int32)  # padding rows: one token, decoded and dropped
+        for i, prompt in enumerate(prompts):
+            prompts_BxP[i, width - len(prompt) :] = prompt
+            lengths_B[i] = len(prompt)
+        per_row = functools.partial(_per_row, rows=rows, count=len(prompts))
+        new_bucket = bucket(max_new_tokens)
+        self.buckets.add((rows, width, new_bucket))
+        tokens, logprobs = self._generate(
+            self.state,
+            prompts_BxP,
+            lengths_B,
+            np.int32(max_new_tokens),
+            np.asarray(list(stop_ids) or [-1], np.int32),
+            per_row(temperature, np.float32),
+            per_row(top_k, np.int32),
+            per_row(top_p, np.float32),
+            jax.random.key(seed),
+            new_bucket=new_bucket,
+        )
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        return [
+            _completion(tokens[i], logprobs[i], max_new_tokens, stop_ids)
+            for i in range(len(prompts))
+        ]
+
+
+def _per_row(value, dtype, *, rows: int, count: int) -> np.ndarray:
+    values = np.broadcast_to(np.asarray(value, dtype), (count,))
+    return np.concatenate([values, np.full(rows - count, values[0], dtype)])
+
+
+def _completion(tokens, logprobs, max_new: int, stop_ids: Sequence[int]) -> Completion:
+    stops = np.flatnonzero(np.isin(tokens[:max_new], list(stop_ids)))
+    end = int(stops[0]) + 1 if stops.size else max_new
+    reason = "stop" if stops.size else "length"
+    return Completion(tokens[:end].astype(np.int32), logprobs[:end].astype(np.float32), reason)

@@ -1,0 +1,149 @@
+"""The KV-cache sampler: greedy batches of prompts of different lengths are token for token
+`transformers` `generate` for every family; log-probabilities equal the training forward
+pass's; sampling settings behave; shapes compile once per bucket."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jtrain import models
+from jtrain.sampler import Sampler, bucket
+from tests.conftest import tiny_config
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 8], [11] * 12, [120, 1, 2, 3]]
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = tiny_config()
+    return models.family_of(config.model).make(config.model, head="logits", rngs=nnx.Rngs(0))
+
+
+def _forward_log_probs(model, prompt, completion, temperature=1.0):
+    tokens = jnp.asarray([list(prompt) + list(completion)])
+    logits = model(tokens)[0, len(prompt) - 1 : -1] / temperature
+    return np.asarray(
+        jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[0, len(prompt) :, None], -1)[:, 0]
+    )
+
+
+def test_greedy_batches_equal_one_prompt_at_a_time_by_full_forward(tiny_model):
+    out = Sampler(tiny_model).generate(PROMPTS, max_new_tokens=NEW)
+    for prompt, completion in zip(PROMPTS, out, strict=True):
+        tokens = list(prompt)
+        for _ in range(NEW):  # the slow way: the whole sequence again for every token
+            tokens.append(int(jnp.argmax(tiny_model(jnp.asarray([tokens]))[0, -1])))
+        assert completion.tokens.tolist() == tokens[len(prompt) :]
+        assert completion.finish_reason == "length"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_log_probs_equal_the_training_forward_pass(tiny_model, temperature):
+    out = Sampler(tiny_model).generate(PROMPTS, max_new_tokens=NEW, temperature=temperature, seed=3)
+    for prompt, completion in zip(PROMPTS, out, strict=True):
+        expected = _forward_log_probs(tiny_model, prompt, completion.tokens, temperature or 1.0)
+        np.testing.assert_allclose(completion.logprobs, expected, atol=1e-5)
+
+
+def test_sampling_settings(tiny_model):
+    sampler = Sampler(tiny_model)
+    greedy = sampler.generate(PROMPTS, max_new_tokens=NEW)
+    hot = dict(max_new_tokens=NEW, temperature=1.5, seed=7)
+    assert [c.tokens.tolist() for c in sampler.generate(PROMPTS, top_k=1, **hot)] == [
+        c.tokens.tolist() for c in greedy
+    ]  # top-1 is greedy, whatever the temperature
+    assert [c.tokens.tolist() for c in sampler.generate(PROMPTS, top_p=1e-6, **hot)] == [
+        c.tokens.tolist() for c in greedy
+    ]  # so is a nucleus of one token
+    a, b = sampler.generate(PROMPTS, **hot), sampler.generate(PROMPTS, **hot)
+    assert [c.tokens.tolist() for c in a] == [c.tokens.tolist() for c in b]  # seeded
+    c = sampler.generate(PROMPTS, **{**hot, "seed": 8})
+    assert [x.tokens.tolist() for x in a] != [x.tokens.tolist() for x in c]
+    # Per-row settings: a greedy row in a sampled batch is still greedy.
+    mixed = sampler.generate(PROMPTS, max_new_tokens=NEW, temperature=[0.0, 1.5, 1.5, 0.0])
+    assert mixed[0].tokens.tolist() == greedy[0].tokens.tolist()
+    assert mixed[3].tokens.tolist() == greedy[3].tokens.tolist()
+
+
+def test_rows_stop_independently(tiny_model):
+    sampler = Sampler(tiny_model)
+    greedy = sampler.generate(PROMPTS, max_new_tokens=NEW)
+    row0 = greedy[0].tokens.tolist()
+    first = next((j for j in range(1, NEW) if row0[j] not in row0[:j]), 0)
+    stop = row0[first]  # row 0 meets it first at position `first`
+    out = sampler.generate(PROMPTS, max_new_tokens=NEW, stop_ids=[stop])
+    assert out[0].tokens.tolist() == row0[: first + 1]
+    assert out[0].finish_reason == "stop"
+    for row, full in zip(out[1:], greedy[1:], strict=True):
+        hits = np.flatnonzero(full.tokens == stop)
+        end = int(hits[0]) + 1 if hits.size else NEW
+        assert row.tokens.tolist() == full.tokens[:end].tolist()
+
+
+def test_one_compilation_per_bucket(tiny_model):
+    sampler = Sampler(tiny_model)
+    rng = np.random.default_rng(0)
+    for _ in range(6):  # 1-3 prompts of 1-16 tokens, 1-16 new tokens: one bucket
+        prompts = [rng.integers(1, 200, rng.integers(1, 17)).tolist() for _ in range(3)]
+        sampler.generate(prompts, max_new_tokens=int(rng.integers(1, 17)))
+    assert sampler.compilations() == 1
+    sampler.generate([[1] * 17], max_new_tokens=4)  # a longer prompt: a second bucket
+    assert sampler.compilations() == 2
+    assert [bucket(n) for n in (1, 16, 17, 33)] == [16, 16, 32, 64]
+
+
+def test_bad_requests_say_what_is_wrong(tiny_model):
+    sampler = Sampler(tiny_model)
+    with pytest.raises(ValueError, match="at least one token"):
+        sampler.generate([[]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        sampler.generate([[1]], max_new_tokens=0)
+
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_families(tmp_path_factory):
+    """Each family of tests/test_hf.py as a transformers model and its jtrain import."""
+    from jtrain.interop import hf
+    from tests.test_hf import FAMILIES
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, config in FAMILIES.items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():  # noise: zero biases and unit norms would hide layout bugs
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        path = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(path, safe_serialization=True)
+        out[name] = (model, hf.load_model(path))
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama_tied_bias", "mistral", "qwen2", "gpt2"])
+def test_greedy_equals_transformers_generate(hf_families, name):
+    torch_model, model = hf_families[name]
+    width = max(len(p) for p in PROMPTS)
+    ids = torch.zeros((len(PROMPTS), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(PROMPTS):  # left padding, as for any batched decoder
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    with torch.no_grad():
+        expected = torch_model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,  # no early end on a random model's EOS
+            pad_token_id=0,
+        )[:, width:].numpy()
+    out = Sampler(model).generate(PROMPTS, max_new_tokens=NEW)
+    assert np.stack([c.tokens for c in out]).tolist() == expected.tolist()
