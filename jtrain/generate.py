@@ -31,10 +31,12 @@ from flax import nnx
 
 from jtrain import checkpoint, pretrained, runs
 from jtrain.data import readers, tokenizers
+from jtrain.models import int8
 from jtrain.sampler import Completion, Sampler
 from jtrain.tasks import chat
 
 FIELDS = ("prompt", "messages", "prompt_ids")
+QUANTIZE = ("none", "int8")  # --quantize: weights as trained, or int8 per channel
 
 
 class LineError(ValueError):
@@ -184,8 +186,9 @@ def _has_chat_template(directory: str) -> bool:
     return has or (path / "chat_template.jinja").is_file()
 
 
-def load(spec: str, *, step: int | None = None) -> Generator:
-    """The model `spec` names (a jtrain run directory or hf:PATH) with its tokenizer and template.
+def load(spec: str, *, step: int | None = None, quantize: str = "none") -> Generator:
+    """The model `spec` names (a jtrain run directory or hf:PATH) with its tokenizer and template,
+    its weights in int8 with quantize="int8" (`jtrain.models.int8.quantize`).
 
     A run brings its own `data.tokenizer` and `data.chat_template` (a LoRA run comes merged);
     a Hugging Face directory its tokenizer files (byte ids when it has none, as a run started
@@ -223,6 +226,10 @@ def load(spec: str, *, step: int | None = None) -> Generator:
         config = runs.run_config(spec)
         tokenizer_spec, template = str(config.data.tokenizer), str(config.data.chat_template)
         model = runs.trained_model(spec, step=step)
+    if quantize not in QUANTIZE:
+        raise ValueError(f"--quantize={quantize!r} is invalid: allowed: {', '.join(QUANTIZE)}")
+    if quantize == "int8":
+        int8.quantize(model)
     return Generator(model, tokenizers.get_tokenizer(tokenizer_spec), template, tokenizer_spec)
 
 
@@ -321,6 +328,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", Settings.temperature, "0 = gree
 _TOP_K = flags.DEFINE_integer("top_k", Settings.top_k, "Sample from the k likeliest (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", Settings.top_p, "Sample from this probability mass.")
 _SEED = flags.DEFINE_integer("seed", Settings.seed, "Seeds the sampling of every batch.")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", QUANTIZE, "Weights in int8 (per channel).")
 _BATCH = flags.DEFINE_integer("batch_size", Settings.batch_size, "Lines generated together.")
 # jtrain.export defines a --step too: a process that imports both (tests) must not fail.
 _STEP = flags.DEFINE_integer(
@@ -344,7 +352,7 @@ def main(argv: list[str]) -> None:
     try:
         settings.check()
         check_paths(_PROMPTS.value, _OUTPUT.value)  # before the model loads: fail in a second
-        generator = load(_MODEL.value, step=_STEP.value)
+        generator = load(_MODEL.value, step=_STEP.value, quantize=_QUANTIZE.value)
         summary = generate_file(generator, _PROMPTS.value, _OUTPUT.value, settings)
     except (checkpoint.CheckpointError, ValueError, OSError) as err:
         sys.exit(f"error: {err}")

@@ -19,7 +19,7 @@ from jtrain import pretrained, run
 from jtrain.data import pipeline
 from jtrain.experiment import Experiment
 from jtrain.metrics import read_metrics
-from jtrain.models import lora
+from jtrain.models import int8, lora
 from jtrain.models.transformer import Transformer, TransformerConfig
 from jtrain.state import BASE
 from tests.conftest import tiny_config, train_losses
@@ -260,7 +260,7 @@ def test_int8_base_is_close_to_the_float_base_and_a_third_of_its_kernels(trained
     exp8 = Experiment.from_config(config)
     base = pretrained.load(config.model.init_from, exp8.abstract_base)
     frozen8 = exp8.init_state(base=base).frozen[BASE]  # the same base, quantized
-    kernels8 = nnx.state(frozen8, lora.Quantized)
+    kernels8 = nnx.state(frozen8, int8.Quantized)
     kernels = nnx.state(initial.frozen[BASE], lambda path, _: path[-1] in lora.KERNEL_NAMES)
     assert _nbytes(kernels8) < 0.3 * _nbytes(kernels)  # int8 + one f32 scale per column
     model_params8 = nnx.merge_state(initial.params, frozen8)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jtrain.models import layers
+from jtrain.models import int8, layers
 from jtrain.validation import one_of, require
 
 BASE_DTYPES = ("float32", "bfloat16", "int8")
@@ -42,10 +42,6 @@ TARGET_NAMES = tuple(name.split("_")[0] for name in KERNEL_NAMES)
 
 class LoRAParam(nnx.Param):
     """A trainable adapter matrix; every other parameter of a LoRA model is frozen."""
-
-
-class Quantized(nnx.Variable):
-    """A frozen array that is not a float parameter: int8 kernel values and their scales."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,24 +132,12 @@ def _is_target(path: tuple, kernel: str, targets: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(n, t) for n in names for t in targets)
 
 
-def _axes(param: nnx.Variable) -> tuple:
-    return tuple(param.get_metadata()["out_sharding"])
-
-
-def _lead(axes: Sequence) -> int:
-    """Leading stacked axes (blocks stacked by nnx.vmap are named "layers")."""
-    lead = 0
-    while lead < len(axes) and axes[lead] == "layers":
-        lead += 1
-    return lead
-
-
 class Adapter(nnx.Module):
     """The low-rank update (alpha / r) * dropout(x) @ A @ B of one kernel."""
 
     def __init__(self, kernel: nnx.Param, contract: int, cfg: LoRAConfig, *, salt: int, rngs):
-        shape, axes = kernel.shape, _axes(kernel)
-        lead = _lead(axes)
+        shape, axes = kernel.shape, int8.axes_of(kernel)
+        lead = int8.lead_axes(axes)
         split = lead + contract
         fan_in = math.prod(shape[lead:split])
         a_shape = (*shape[:split], cfg.rank)
@@ -198,29 +182,6 @@ class Adapters(nnx.Module):
         return getattr(self, name, None)
 
 
-class Int8Kernel(nnx.Module):
-    """A frozen kernel as int8 values and float32 scales, one per output channel (symmetric).
-
-    `kernel[...]` dequantizes, as a Param's `[...]` reads it, so modules use it unchanged;
-    inside the block scan that happens for one layer at a time.
-    """
-
-    def __init__(self, kernel: nnx.Param, contract: int):
-        w, axes = kernel[...].astype(jnp.float32), _axes(kernel)
-        lead = _lead(axes)
-        in_dims = tuple(range(lead, lead + contract))
-        scale = jnp.max(jnp.abs(w), axis=in_dims, keepdims=True) / 127.0
-        scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero channel stays exactly zero
-        values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-        self.values = Quantized(values, out_sharding=axes, eager_sharding=False)
-        scale_axes = (*axes[:lead], *(None,) * contract, *axes[lead + contract :])
-        self.scale = Quantized(scale, out_sharding=scale_axes, eager_sharding=False)
-        self.axes = axes
-
-    def __getitem__(self, index) -> jax.Array:
-        return (self.values[...].astype(jnp.float32) * self.scale[...])[index]
-
-
 def _kernel_modules(model: nnx.Module):
     """(path, module) of every module that lists projection kernels."""
     for path, module in nnx.iter_modules(model):
@@ -245,20 +206,10 @@ def attach(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> nnx.Module:
         if adapters:
             module.lora = Adapters(adapters)
     if cfg.base_dtype == "int8":
-        quantize(model)
+        int8.quantize_kernels(model)
     elif cfg.base_dtype == "bfloat16":
         base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
         nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), base))
-    return model
-
-
-def quantize(model: nnx.Module) -> nnx.Module:
-    """Replaces every projection kernel by an Int8Kernel, in place."""
-    for _, module in list(_kernel_modules(model)):
-        for name, contract in module.KERNELS.items():
-            kernel = getattr(module, name)
-            if isinstance(kernel, nnx.Param):
-                setattr(module, name, Int8Kernel(kernel, contract))
     return model
 
 
@@ -273,9 +224,9 @@ def merge(model: nnx.Module) -> nnx.Module:
             if kernel is None:
                 continue
             adapter = adapters.get(name) if adapters is not None else None
-            if adapter is None and not isinstance(kernel, Int8Kernel):
+            if adapter is None and not isinstance(kernel, int8.Int8Kernel):
                 continue
-            axes = kernel.axes if isinstance(kernel, Int8Kernel) else _axes(kernel)
+            axes = kernel.axes if isinstance(kernel, int8.Int8Kernel) else int8.axes_of(kernel)
             w = kernel[...].astype(jnp.float32)
             if adapter is not None:
                 w = w + adapter.delta()
