@@ -84,6 +84,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 100  # steps between validation passes (0 = only at the end)
     c.eval.steps = -1  # batches per validation pass (-1 = the whole split)
     c.eval.split = "val"  # what --mode=eval evaluates: val | test
+    # Generation metrics (exact match, BLEU, chrF, ROUGE-L) on the first N prompts of the split
+    # whose examples have reference answers (task=sft), at every evaluation (0 = off).
+    c.eval.generate = ml_collections.ConfigDict()
+    c.eval.generate.examples = 0  # prompts completed and scored per evaluation (0 = off)
+    c.eval.generate.max_new_tokens = 64  # tokens generated per prompt at most
+    c.eval.generate.temperature = 0.0  # 0 = greedy
     c.eval.sample_tokens = 200  # bytes generated from a prompt at the end (0 = none)
     c.eval.sample_prompt = "The for statement"  # prompt for the end-of-run sample
     c.eval.sample_temperature = 0.7  # 0 = greedy; sampling avoids greedy's loops

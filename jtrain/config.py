@@ -61,6 +61,10 @@ def _validate_loop(config) -> None:
     e = config.eval
     require(e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0 (0 = at the end)")
     one_of("eval.split", e.split, ("val", "test"))
+    g = e.generate
+    require(g.examples >= 0, "eval.generate.examples", g.examples, "must be >= 0 (0 = off)")
+    require(g.max_new_tokens >= 1, "eval.generate.max_new_tokens", g.max_new_tokens, "must be >= 1")
+    require(g.temperature >= 0, "eval.generate.temperature", g.temperature, "must be >= 0")
     require(e.sample_tokens >= 0, "eval.sample_tokens", e.sample_tokens, "must be >= 0")
     temperature = e.sample_temperature
     require(temperature >= 0, "eval.sample_temperature", temperature, "must be >= 0 (0 = greedy)")

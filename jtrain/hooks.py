@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterable, Mapping
 
 import jax
+import numpy as np
 from flax import nnx
 
-from jtrain import checkpoint
+from jtrain import checkpoint, text_scores
 from jtrain.data import pipeline
 from jtrain.experiment import Experiment
+from jtrain.sampler import Sampler
 from jtrain.state import TrainState
 
 
@@ -99,6 +101,48 @@ class FinalEvaluate(Evaluate):
 
     def due(self, step, *, last, preempted) -> bool:
         return False
+
+
+class GenerateEvaluate(Hook):
+    """Completes a split's prompts with the sampler and scores them against their references
+    (exact match, BLEU, chrF, ROUGE-L), every `every` steps and after the last; tasks without
+    references (`Task.generation_set` is None) are skipped."""
+
+    def __init__(self, split: str, every: int, settings):
+        self.split, self.every, self.settings = split, every, settings
+        self.sampler: Sampler | None = None
+
+    def scores(self, exp: Experiment, state: TrainState) -> dict[str, float] | None:
+        """The split's generation scores with the state's weights; None without references."""
+        examples = exp.task.generation_set(self.split, self.settings.examples)
+        if not examples or not examples.prompts:
+            return None
+        model = nnx.merge(exp.graphdef, state.model_params)
+        if self.sampler is None:  # one sampler, so its compiled loop is reused every time
+            self.sampler = Sampler(model)
+        self.sampler.state = nnx.state(model)
+        completions = self.sampler.generate(
+            examples.prompts,
+            max_new_tokens=self.settings.max_new_tokens,
+            stop_ids=examples.stop_ids,
+            temperature=self.settings.temperature,
+            seed=exp.config.seed,
+        )
+        texts = [examples.decode(_without_stop(c).tolist()) for c in completions]
+        return text_scores.score_all(texts, examples.references)
+
+    def due(self, step, *, last, preempted) -> bool:
+        return last or _every(step, self.every)
+
+    def run(self, loop, step, state) -> None:
+        scores = self.scores(loop.exp, state)
+        if scores is not None:
+            loop.writer.write(step, self.split, scores)
+            loop.results.setdefault(self.split, {}).update(scores)
+
+
+def _without_stop(completion) -> np.ndarray:
+    return completion.tokens[:-1] if completion.finish_reason == "stop" else completion.tokens
 
 
 class Checkpoint(Hook):

@@ -93,8 +93,10 @@ def _prepare(config: ml_collections.ConfigDict) -> None:
 def _hooks(exp: Experiment, ckpts: checkpoint.Checkpoints) -> list[hooks.Hook]:
     c = exp.config
     val = hooks.Evaluate("val", c.eval.every_steps, at_start=bool(c.model.init_from))
+    generate = hooks.GenerateEvaluate("val", c.eval.every_steps, c.eval.generate)
     return [
         val,
+        *([generate] if c.eval.generate.examples else []),
         hooks.Checkpoint(ckpts, c.checkpoint.every_steps, val),
         hooks.FinalEvaluate("test"),  # the test split: once, at the end
         hooks.TrainLog(c.train.log_every, c.train.steps),
@@ -166,6 +168,9 @@ def evaluate(
         process_count=jax.process_count(),
     )
     results = hooks.evaluate(exp, state, batches)
+    if config.eval.generate.examples:
+        generate = hooks.GenerateEvaluate(split, 0, config.eval.generate)
+        results.update(generate.scores(exp, state) or {})
     with metrics.MetricWriter(workdir) as writer:
         writer.write(at, split, results)
     return results

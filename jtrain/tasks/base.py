@@ -50,6 +50,16 @@ class FrozenModel:
     init_from: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationSet:
+    """Prompts to complete and the reference each completion is scored against."""
+
+    prompts: list[list[int]]  # token ids, ready for the sampler
+    references: list[str]
+    stop_ids: tuple[int, ...]
+    decode: Callable[[list[int]], str]  # completion ids (stop token excluded) -> text
+
+
 class Task:
     """Base of every objective; subclasses override what differs from these defaults."""
 
@@ -114,6 +124,11 @@ class Task:
     def tokens_per_example(self) -> int:
         """Tokens an example feeds the model (0 for tasks without tokens), for tokens/s."""
         return 0
+
+    def generation_set(self, split: str, limit: int) -> GenerationSet | None:
+        """Up to `limit` prompts of a split with reference answers, for generation metrics
+        (exact match, BLEU, chrF, ROUGE-L); None when the task's examples have none."""
+        return None
 
     def show(self, model: nnx.Module) -> None:
         """Prints what a finished run produced (an LM prints a sample); nothing by default."""

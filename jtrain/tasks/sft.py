@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from jtrain import tasks
-from jtrain.data import sources
+from jtrain.data import sources, tokenizers
 from jtrain.tasks import chat, sft_examples
+from jtrain.tasks.base import GenerationSet
 from jtrain.tasks.lm import LMTask
 
 
@@ -36,6 +37,23 @@ class SFTTask(LMTask):
         return sft_examples.load_examples(
             spec, split, data.tokenizer, data.chat_template, self.config.train.seq_len
         )
+
+    def generation_set(self, split: str, limit: int) -> GenerationSet | None:
+        """Each conversation up to its last assistant turn, that turn's text the reference."""
+        data = self.config.data
+        template = chat.load(data.chat_template, data.tokenizer)
+        tokenizer = tokenizers.get_tokenizer(data.tokenizer)
+        prompts, references = [], []
+        for spec in self.source_specs(data.source):
+            for _, messages in sft_examples.conversations(spec, split):
+                if len(prompts) == limit:
+                    break
+                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                pieces = template.prompt_pieces(messages[:last])
+                prompts.append(chat.encode([pieces], tokenizer)[0][0].tolist())
+                references.append(messages[last]["content"])
+        stops = (int(template.stop_id), int(tokenizer.eos_id))
+        return GenerationSet(prompts, references, stops, tokenizer.decode)
 
     def sample_prompt(self, tokenizer, prompt: str) -> tuple[np.ndarray, int, str]:
         """The prompt as a user turn, answered as the template's assistant."""

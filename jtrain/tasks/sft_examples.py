@@ -158,7 +158,8 @@ def split_key(record) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _examples(item: sources.SourceSpec, split: str) -> list[Example]:
+def conversations(item: sources.SourceSpec, split: str) -> list[Example]:
+    """(where, messages) of every good record of one split of one source."""
     records = sources.load_records(item, split, split_key)
     return [(records.where(i), record_messages(record)) for i, record in enumerate(records)]
 
@@ -197,7 +198,7 @@ def _encoded(
     chat_template = chat.load(template, tokenizer)
     tok = tokenizers.get_tokenizer(tokenizer)
     docs = {
-        split: _encode_split(_examples(item, split), chat_template, tok, seq_len, report)
+        split: _encode_split(conversations(item, split), chat_template, tok, seq_len, report)
         for split in sources.SPLITS
     }
     report.warn(str(item), seq_len)
