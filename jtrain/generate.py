@@ -1,4 +1,4 @@
-"""Completes a JSON Lines file of prompts with a trained run or a Hugging Face model.
+r"""Completes a JSON Lines file of prompts with a trained run or a Hugging Face model.
 
     python -m jtrain.generate --model=RUN_DIR|hf:PATH --prompts=IN.jsonl --output=OUT.jsonl \
         [--max_new_tokens=N --temperature=T --top_k=K --top_p=P --seed=S --batch_size=B --step=N]

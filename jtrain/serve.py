@@ -1,0 +1,75 @@
+r"""Serves a jtrain run or a Hugging Face model over OpenAI's HTTP API.
+
+    python -m jtrain.serve --model=RUN_DIR|hf:PATH [--host=127.0.0.1 --port=8000 \
+        --quantize=none|int8 --max_batch=16 --step=N --served_model_name=NAME]
+
+Routes: `POST /v1/completions` (prompt: text, encoded after BOS, or token ids),
+`POST /v1/chat/completions` (messages rendered with the model's chat template), `GET /v1/models`
+(one model, named after the --model directory or --served_model_name) and `GET /health`; the
+official `openai` clients work unchanged. Supported request fields: model, prompt/messages,
+max_tokens (chat: or max_completion_tokens), temperature (0 = greedy), top_p, stop (strings
+that are one token each), seed, stream and stream_options.include_usage; n must be 1. A bad
+request gets a 4xx and OpenAI's error body, naming the field and what is allowed.
+
+Concurrent requests are decoded together: one worker thread takes up to --max_batch waiting
+requests and runs one `jtrain.sampler.Sampler.generate` over them, each row with its own
+temperature and top-p; requests arriving meanwhile wait for the next batch. The sampler decodes
+in one compiled loop, so `stream=true` sends the finished completion as server-sent events
+(one chunk per token, in OpenAI's chunk format, ending with `data: [DONE]`) once its batch is
+done, not token by token as they are sampled. A sampled completion depends on the batch it
+joins, so `seed` makes no promise of repeatable output (greedy output, temperature 0, is
+repeatable). The first request of each new shape bucket waits for a compilation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import uvicorn
+from absl import app, flags, logging
+
+from jtrain import checkpoint, generate, pretrained
+from jtrain.serving.app import create_app
+
+__all__ = ["create_app", "model_name"]
+
+# --model, --step and --quantize are jtrain.generate's flags (the same meaning), listed in this
+# --help too.
+for _name in ("model", "step", "quantize"):
+    flags.declare_key_flag(_name)
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "The address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "The port to listen on.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "The most requests decoded together.")
+_NAME = flags.DEFINE_string(
+    "served_model_name", None, "The model's id in the API (default: --model's last part)."
+)
+
+
+def model_name(spec: str) -> str:
+    """The API's name for the model `spec` names: its directory's last part."""
+    path = pretrained.hf_path(spec) if pretrained.is_hf(spec) else spec
+    return os.path.basename(os.path.normpath(path))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
+    spec = flags.FLAGS.model
+    if _MAX_BATCH.value < 1:
+        sys.exit(f"error: --max_batch={_MAX_BATCH.value} is invalid: it must be at least 1")
+    try:
+        generator = generate.load(spec, step=flags.FLAGS.step, quantize=flags.FLAGS.quantize)
+    except (checkpoint.CheckpointError, ValueError, OSError) as err:
+        sys.exit(f"error: {err}")
+    server = create_app(
+        generator, model_name=_NAME.value or model_name(spec), max_batch=_MAX_BATCH.value
+    )
+    uvicorn.run(server, host=_HOST.value, port=_PORT.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["model"])
+    app.run(main)

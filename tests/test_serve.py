@@ -1,0 +1,377 @@
+"""python -m jtrain.serve: the official openai client works unchanged, greedy text is the
+Sampler's, concurrent requests share batches, bad requests get OpenAI's 4xx error bodies."""
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from jtrain import generate, serve  # noqa: E402
+from jtrain.data import tokenizers  # noqa: E402
+from jtrain.run import train_and_evaluate  # noqa: E402
+from jtrain.sampler import Completion, Sampler  # noqa: E402
+from jtrain.serving import protocol, responses  # noqa: E402
+from jtrain.serving.batcher import Batcher  # noqa: E402
+from tests.conftest import REPO, main_env, tiny_config  # noqa: E402
+
+MAX_LEN = 64
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_config(
+        train__steps=2, eval__every_steps=0, checkpoint__every_steps=0, model__max_seq_len=MAX_LEN
+    )
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def generator(run):
+    generator = generate.load(run)
+    generator.reference = Sampler(generator.model)  # the server's answers, computed apart
+    return generator
+
+
+def _bound_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="module")
+def server(run, generator):
+    """The app on a free 127.0.0.1 port, in a background thread: (base url, app)."""
+    app = serve.create_app(generator, model_name=serve.model_name(run), max_batch=16)
+    sock = _bound_socket()
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert uv.started, "the server did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def _expected(generator, ids, max_tokens, stops=()) -> tuple[str, str]:
+    """(text, finish_reason) of a greedy completion by the Sampler alone."""
+    tokens = generator.reference.generate(
+        [list(ids)], max_new_tokens=max_tokens, stop_ids=[*generator.stop_ids, *stops]
+    )[0]
+    ids = tokens.tokens[:-1] if tokens.finish_reason == "stop" else tokens.tokens
+    return generator.tokenizer.decode(ids), tokens.finish_reason
+
+
+def test_the_openai_client_lists_the_model(client, run):
+    assert [m.id for m in client.models.list().data] == [os.path.basename(run)]
+    assert client.models.retrieve(os.path.basename(run)).id == os.path.basename(run)
+
+
+def test_greedy_completions_are_the_samplers(client, generator, run):
+    name = os.path.basename(run)
+    for prompt in ["Hello there", [5, 17, 99, 3, 42]]:
+        line = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_ids": prompt}
+        ids = generator.prompt_ids(line, 0)
+        out = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0)
+        text, reason = _expected(generator, ids, 12)
+        assert out.object == "text_completion" and out.model == name
+        assert (out.choices[0].text, out.choices[0].finish_reason) == (text, reason)
+        assert out.usage.prompt_tokens == ids.size
+        assert out.usage.total_tokens == ids.size + out.usage.completion_tokens
+        assert reason == "stop" or out.usage.completion_tokens == 12
+
+
+def test_a_stop_string_ends_the_text_before_it(client, generator, run):
+    ids = generator.prompt_ids({"prompt": "Hello there"}, 0)
+    full = generator.reference.generate([ids.tolist()], max_new_tokens=12)[0].tokens
+    stop = next((int(t) for t in full[1:] if t < 128), None)  # an ASCII byte: one token
+    if stop is None:
+        pytest.skip("the greedy completion holds no ASCII byte to stop at")
+    out = client.completions.create(
+        model=os.path.basename(run), prompt="Hello there", max_tokens=12, temperature=0,
+        stop=[chr(stop)],
+    )  # fmt: skip
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == _expected(generator, ids, 12, stops=[stop])[0]
+
+
+def test_chat_completions_and_their_streams(client, generator, run):
+    name = os.path.basename(run)
+    ids = generator.prompt_ids({"messages": MESSAGES}, 0)
+    out = client.chat.completions.create(
+        model=name, messages=MESSAGES, max_tokens=10, temperature=0
+    )
+    text, reason = _expected(generator, ids, 10)
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert (out.choices[0].message.content, out.choices[0].finish_reason) == (text, reason)
+    assert out.usage.prompt_tokens == ids.size
+
+    stream = client.chat.completions.create(
+        model=name, messages=MESSAGES, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+    assert chunks[-1].usage.total_tokens == out.usage.total_tokens
+
+    stream = client.completions.create(
+        model=name, prompt="Hello there", max_tokens=12, temperature=0, stream=True
+    )
+    assert (
+        "".join(c.choices[0].text for c in stream)
+        == client.completions.create(model=name, prompt="Hello there", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
+
+
+def test_the_stream_is_server_sent_events_ending_with_done(server, run):
+    body = {"model": os.path.basename(run), "prompt": "Hi", "max_tokens": 3, "stream": True}
+    request = urllib.request.Request(server[0] + "/v1/completions", json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = response.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(e.startswith("data: {") for e in events[:-2])
+
+
+def test_sampled_requests_keep_their_settings(client, run):
+    name = os.path.basename(run)
+    out = client.completions.create(
+        model=name, prompt="Hi", max_tokens=5, temperature=1.3, top_p=0.9, seed=1
+    )
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens <= 5
+
+
+def test_concurrent_clients_share_batches(client, generator, server, run):
+    name, batcher = os.path.basename(run), server[1].state.batcher
+    prompts = [f"Question {i}: " + "why" * (i % 4) for i in range(16)]
+    lengths = [4 + i % 5 for i in range(16)]
+    expected = [
+        _expected(generator, generator.prompt_ids({"prompt": p}, 0), n)
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
+    batches, start = batcher.batches, threading.Barrier(16)
+
+    def ask(i):
+        start.wait(timeout=30)
+        out = client.completions.create(
+            model=name, prompt=prompts[i], max_tokens=lengths[i], temperature=0
+        )
+        return out.choices[0].text, out.choices[0].finish_reason
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16), timeout=300))
+    assert answers == expected
+    assert batcher.batches - batches < 16, f"{batcher.batches - batches} batches"
+
+
+BAD = [  # (route, body, status, param, words in the message)
+    ("completions", b"{not json", 400, None, "not valid JSON"),
+    ("completions", b"[1, 2]", 400, None, "JSON object"),
+    ("completions", {"prompt": "Hi"}, 400, "model", "model is required"),
+    ("completions", {"model": "gpt-4", "prompt": "Hi"}, 404, "model", "'gpt-4' does not exist"),
+    ("completions", {"model": "M", "max_tokens": 4}, 400, "prompt", "prompt must be"),
+    ("completions", {"model": "M", "prompt": 7}, 400, "prompt", "prompt must be"),
+    ("completions", {"model": "M", "prompt": ["a", "b"]}, 400, "prompt", "one per request"),
+    ("completions", {"model": "M", "prompt": [99999]}, 400, "prompt", "vocabulary"),
+    ("completions", {"model": "M", "prompt": "x" * 70}, 400, "prompt", "64 positions"),
+    (
+        "completions",
+        {"model": "M", "prompt": "x" * 40, "max_tokens": 40},
+        400,
+        "max_tokens",
+        "exceed the model's 64 positions",
+    ),  # fmt: skip
+    ("completions", {"model": "M", "prompt": "Hi", "n": 2}, 400, "n", "n=2 is not supported"),
+    (
+        "completions",
+        {"model": "M", "prompt": "Hi", "temperature": -1},
+        400,
+        "temperature",
+        ">= 0",
+    ),  # fmt: skip
+    (
+        "completions",
+        {"model": "M", "prompt": "Hi", "temperature": "hot"},
+        400,
+        "temperature",
+        "number",
+    ),  # fmt: skip
+    ("completions", {"model": "M", "prompt": "Hi", "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ("completions", {"model": "M", "prompt": "Hi", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
+    (
+        "completions",
+        {"model": "M", "prompt": "Hi", "max_tokens": 0},
+        400,
+        "max_tokens",
+        "at least 1",
+    ),  # fmt: skip
+    (
+        "completions",
+        {"model": "M", "prompt": "Hi", "stop": "ab"},
+        400,
+        "stop",
+        "exactly one token",
+    ),  # fmt: skip
+    (
+        "completions",
+        {"model": "M", "prompt": "Hi", "logprobs": 2},
+        400,
+        "logprobs",
+        "not supported",
+    ),  # fmt: skip
+    ("completions", {"model": "M", "prompt": "Hi", "stream": "yes"}, 400, "stream", "true or"),
+    ("chat/completions", {"model": "M"}, 400, "messages", "non-empty list"),
+    (
+        "chat/completions",
+        {"model": "M", "messages": [{"role": "robot", "content": "x"}]},
+        400,
+        "messages",
+        "needs a role",
+    ),  # fmt: skip
+    (
+        "chat/completions",
+        {"model": "M", "messages": MESSAGES, "max_completion_tokens": -3},
+        400,
+        "max_completion_tokens",
+        "at least 1",
+    ),  # fmt: skip
+    ("nowhere", {}, 404, None, "Not Found"),
+]
+
+
+def _post(url, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.parametrize("route,body,status,param,words", BAD)
+def test_bad_requests_get_openai_errors(server, run, route, body, status, param, words):
+    if isinstance(body, dict) and body.get("model") == "M":
+        body = {**body, "model": os.path.basename(run)}
+    code, reply = _post(f"{server[0]}/v1/{route}", body)
+    assert code == status
+    assert set(reply) == {"error"} and reply["error"]["type"] == "invalid_request_error"
+    assert reply["error"]["param"] == param and reply["error"]["code"] is None
+    assert words in reply["error"]["message"]
+
+
+def test_the_client_raises_its_own_errors_and_the_server_keeps_serving(client, run):
+    name = os.path.basename(run)
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        client.completions.create(model=name, prompt="Hi", n=3)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="other", messages=MESSAGES)
+    out = client.completions.create(model=name, prompt="Hi", max_tokens=2, temperature=0)
+    assert out.usage.completion_tokens >= 1
+
+
+class _RecordingSampler:
+    """Answers every row with ids 65, 66, ... and records each batch."""
+
+    def __init__(self, max_len):
+        self.max_len, self.calls = max_len, []
+
+    def generate(self, prompts, *, max_new_tokens, **settings):
+        self.calls.append((len(prompts), max_new_tokens, settings))
+        tokens = np.arange(65, 65 + max_new_tokens, dtype=np.int32)
+        return [Completion(tokens, np.zeros(max_new_tokens), "length") for _ in prompts]
+
+
+def _request(prompt: int, max_tokens: int, stop_ids=(), temperature=0.0) -> protocol.Request:
+    return protocol.Request(
+        np.ones(prompt, np.int32), max_tokens, temperature, 1.0, stop_ids, None, False, False
+    )
+
+
+def test_batches_fit_the_model_and_stops_apply_per_request():
+    sampler = _RecordingSampler(max_len=64)
+    stub = types.SimpleNamespace(
+        sampler=sampler, stop_ids=[258], tokenizer=tokenizers.ByteTokenizer()
+    )
+    batcher = Batcher(stub, max_batch=3)
+    requests = [
+        _request(40, 8),  # with the next one a batch would need 40 + 40 positions
+        _request(8, 40),
+        _request(8, 8, stop_ids=(67,), temperature=0.5),
+        _request(8, 4),
+        _request(8, 4),
+    ]
+    futures = [batcher.submit(r) for r in requests]  # all queued before the worker starts
+    batcher.start()
+    answers = [f.result(timeout=30) for f in futures]
+    batcher.stop()
+    assert [c[:2] for c in sampler.calls] == [(3, 8), (2, 40)]
+    assert sampler.calls[0][2]["temperature"] == [0.0, 0.5, 0.0]
+    forty = "".join(chr(i) for i in range(65, 105))
+    assert [a.text for a in answers] == ["ABCDEFGH", forty, "AB", "ABCD", "ABCD"]
+    assert [a.finish_reason for a in answers] == ["length", "length", "stop", "length", "length"]
+    assert answers[2].completion_tokens == 3 and (batcher.batches, batcher.requests) == (2, 5)
+
+
+def test_streamed_pieces_join_to_the_text():
+    tokenizer = tokenizers.ByteTokenizer()
+    ids = tokenizer.encode("héllo ☃!", add_bos=False, add_eos=False)
+    pieces = responses.text_pieces(tokenizer, ids)
+    assert pieces == ["h", "é", "l", "l", "o", " ", "☃", "!"]
+    assert responses.text_pieces(tokenizer, ids[:0]) == []
+
+
+def test_command_line_serves_until_stopped(run):
+    sock = _bound_socket()
+    port = sock.getsockname()[1]
+    sock.close()  # the server binds it again
+    command = [sys.executable, "-m", "jtrain.serve", f"--model={run}", f"--port={port}"]
+    proc = subprocess.Popen(command, cwd=REPO, env=main_env(1), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, reply = time.monotonic() + 120, None
+        while reply is None and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    reply = json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)
+        assert reply == {"status": "ok"}, proc.stderr.read() if proc.poll() is not None else ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+            assert json.loads(r.read())["data"][0]["id"] == os.path.basename(run)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
