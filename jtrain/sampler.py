@@ -48,22 +48,44 @@ class Completion:
 
 def sample_tokens(logits_BxV, rng, temperature_B, top_k_B, top_p_B):
     """(token, log-probability) per row: greedy where the temperature is 0, else sampled from
-    the logits / temperature kept to the top_k (0 = all) and the top_p probability mass."""
+    the logits / temperature kept to the top_k (0 = all) and the top_p probability mass.
+
+    Sorting and drawing are slow on some backends (a few ms a step on XLA:CPU), so each runs
+    only when some row of the batch needs it.
+    """
     greedy_B = temperature_B <= 0
     scaled_BxV = logits_BxV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
+    argmax_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        truncate = jnp.any(top_k_B > 0) | jnp.any(top_p_B < 1)
+        keep_BxV = jax.lax.cond(
+            truncate,
+            _kept,
+            lambda *_: jnp.ones(scaled_BxV.shape, bool),
+            scaled_BxV,
+            top_k_B,
+            top_p_B,
+        )
+        sampled_B = jax.random.categorical(rng, jnp.where(keep_BxV, scaled_BxV, -jnp.inf))
+        return jnp.where(greedy_B, argmax_B, sampled_B).astype(jnp.int32)
+
+    token_B = jax.lax.cond(jnp.all(greedy_B), lambda _: argmax_B, draw, None)
     logprobs_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
+    return token_B, jnp.take_along_axis(logprobs_BxV, token_B[:, None], -1)[:, 0]
+
+
+def _kept(scaled_BxV, top_k_B, top_p_B):
+    """Which tokens survive top-k (0 = all) and top-p (the smallest prefix of the sorted
+    distribution whose mass reaches p)."""
     descending_BxV = -jnp.sort(-scaled_BxV, axis=-1)
-    vocab = logits_BxV.shape[-1]
+    vocab = scaled_BxV.shape[-1]
     kth_B = jnp.take_along_axis(descending_BxV, (jnp.clip(top_k_B, 1, vocab) - 1)[:, None], -1)
     kth_B = jnp.where(top_k_B[:, None] > 0, kth_B, -jnp.inf)
-    # top-p: the smallest prefix of the sorted distribution whose mass reaches p.
     mass_BxV = jnp.cumsum(jax.nn.softmax(descending_BxV, axis=-1), axis=-1)
     last_B = jnp.sum(mass_BxV < top_p_B[:, None], axis=-1, keepdims=True)
     nucleus_B = jnp.take_along_axis(descending_BxV, jnp.minimum(last_B, vocab - 1), -1)
-    keep_BxV = (scaled_BxV >= kth_B) & (scaled_BxV >= nucleus_B)
-    sampled_B = jax.random.categorical(rng, jnp.where(keep_BxV, scaled_BxV, -jnp.inf))
-    token_B = jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
-    return token_B, jnp.take_along_axis(logprobs_BxV, token_B[:, None], -1)[:, 0]
+    return (scaled_BxV >= kth_B) & (scaled_BxV >= nucleus_B)
 
 
 def _attend_mask(slots_T, key_valid_BxS, key_pos_BxS, query_pos_BxT, window: int):
@@ -93,7 +115,7 @@ def _generate(state, prompts_BxP, lengths_B, max_new, stops, temperature_B, top_
 
     prompt_pos_BxP = key_pos_BxS[:, :prompt_len]
     mask = _attend_mask(slots_S[:prompt_len], key_valid_BxS, key_pos_BxS, prompt_pos_BxP, window)
-    cache = KVCache(zeros, zeros, jnp.zeros((), jnp.int32), mask)
+    cache = KVCache(zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), mask)
     hidden, cache = model.decode(prompts_BxP, prompt_pos_BxP, cache)
     token_B, logprob_B = sample(model.logits(hidden[:, -1:])[:, 0], jax.random.fold_in(rng, 0))
     tokens_BxN = jnp.zeros((batch, new_bucket), jnp.int32).at[:, 0].set(token_B)
@@ -110,7 +132,9 @@ def _generate(state, prompts_BxP, lengths_B, max_new, stops, temperature_B, top_
         pos_Bx1 = (lengths_B + i - 1)[:, None]
         mask = _attend_mask(slot[None], key_valid_BxS, key_pos_BxS, pos_Bx1, window)
         last_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxN, i - 1, 1, axis=1)
-        hidden, cache = model.decode(last_Bx1, pos_Bx1, KVCache(k, v, slot, mask))
+        hidden, cache = model.decode(
+            last_Bx1, pos_Bx1, KVCache(k, v, jnp.zeros((), jnp.int32), slot, mask)
+        )
         token_B, logprob_B = sample(model.logits(hidden)[:, 0], jax.random.fold_in(rng, i))
         token_B = jnp.where(done_B, 0, token_B)
         tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, token_B[:, None], i, 1)

@@ -187,23 +187,31 @@ def _add_bias(x: jax.Array, bias: Bias | None) -> jax.Array:
 
 @struct.dataclass
 class KVCache:
-    """One layer's keys and values for decoding: slots [B, S, G, K], written in order.
+    """Every layer's keys and values for decoding, stacked: slots [n_layers, B, S, G, K].
 
-    `index` is the first slot this call writes; `mask` [B, 1, T, S] says which cached slots
-    each of the T new tokens may attend to (the sampler builds it once for every layer).
+    `layer` is the block reading and writing it, `index` the first slot this call writes;
+    `mask` [B, 1, T, S] says which cached slots each of the T new tokens may attend to (the
+    sampler builds it once for every layer). Writing only the new slots into the stacked
+    arrays (carried through the layer scan) lets XLA update them in place.
     """
 
     k: jax.Array
     v: jax.Array
+    layer: jax.Array
     index: jax.Array
     mask: jax.Array
 
     def write(self, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array) -> KVCache:
-        """The cache with T new keys and values stored from slot `index` on."""
-        at = (0, self.index, 0, 0)
-        k = jax.lax.dynamic_update_slice(self.k, k_BxTxGxK.astype(self.k.dtype), at)
-        v = jax.lax.dynamic_update_slice(self.v, v_BxTxGxK.astype(self.v.dtype), at)
+        """The cache with this layer's T new keys and values stored from slot `index` on."""
+        at = (self.layer, 0, self.index, 0, 0)
+        k = jax.lax.dynamic_update_slice(self.k, k_BxTxGxK[None].astype(self.k.dtype), at)
+        v = jax.lax.dynamic_update_slice(self.v, v_BxTxGxK[None].astype(self.v.dtype), at)
         return self.replace(k=k, v=v)
+
+    def layer_kv(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys and values [B, S, G, K]."""
+        take = functools.partial(jax.lax.dynamic_index_in_dim, index=self.layer, keepdims=False)
+        return take(self.k), take(self.v)
 
 
 class Attention(nnx.Module):
@@ -254,7 +262,7 @@ class Attention(nnx.Module):
             k = apply_rope(k, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
         if cache is not None:
             cache = cache.write(k, v)
-            k, v = cache.k, cache.v
+            k, v = cache.layer_kv()
         # Grouped-query attention: jax.nn.dot_product_attention shares each key/value head
         # across n_heads // n_kv_heads query heads, and can dispatch to cuDNN flash attention.
         out_BxLxHxK = jax.nn.dot_product_attention(

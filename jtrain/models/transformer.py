@@ -171,18 +171,21 @@ class Decoder(nnx.Module):
         """Hidden states of T new tokens attending over the cache, and the updated cache.
 
         `cache` holds every layer's keys and values stacked on a leading layers axis
-        ([n_layers, B, S, G, K]); the scan hands each block its own slice.
+        ([n_layers, B, S, G, K]) and rides in the scan's carry, so each block writes only its
+        new slots (in place) rather than the scan copying every layer's cache out.
         """
         block_def, block_state = nnx.split(self.blocks)
 
-        def run_block(x, layer):
-            state, k, v = layer
-            layer_cache = cache.replace(k=k, v=v)
+        def run_block(carry, layer):
+            x, k, v = carry
+            state, index = layer
+            layer_cache = cache.replace(k=k, v=v, layer=index)
             x, layer_cache = nnx.merge(block_def, state)(x, positions_BxT, None, None, layer_cache)
-            return x, (layer_cache.k, layer_cache.v)
+            return (x, layer_cache.k, layer_cache.v), None
 
         x_BxTxD = self._embed(tokens_BxT, positions_BxT)
-        x_BxTxD, (k, v) = jax.lax.scan(run_block, x_BxTxD, (block_state, cache.k, cache.v))
+        layers_ = (block_state, jnp.arange(self.cfg.n_layers))
+        (x_BxTxD, k, v), _ = jax.lax.scan(run_block, (x_BxTxD, cache.k, cache.v), layers_)
         return self.final_norm(x_BxTxD), cache.replace(k=k, v=v)
 
     def _embed(self, tokens_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
