@@ -20,13 +20,16 @@ from jtrain import checkpoint
 from jtrain.interop import hf
 from jtrain.runs import run_config, trained_model
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The jtrain run to export.")
-_TO_HF = flags.DEFINE_string("to_hf", None, "A new (or empty) directory to write.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored tensor dtype.")
-_FAMILY = flags.DEFINE_enum(
-    "family", None, list(hf.ARCHITECTURES), "Architecture to write (default: inferred)."
-)
+
+def _define_flags() -> None:
+    """Defines the CLI flags; only when run as a program, so importing never claims names."""
+    flags.DEFINE_string("workdir", None, "The jtrain run to export.")
+    flags.DEFINE_string("to_hf", None, "A new (or empty) directory to write.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored tensor dtype.")
+    flags.DEFINE_enum(
+        "family", None, list(hf.ARCHITECTURES), "Architecture to write (default: inferred)."
+    )
 
 
 def _tokenizer_dir(config) -> str | None:
@@ -74,15 +77,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
+    f = flags.FLAGS
     try:
-        family = export_hf(
-            _WORKDIR.value, _TO_HF.value, step=_STEP.value, dtype=_DTYPE.value, family=_FAMILY.value
-        )
+        family = export_hf(f.workdir, f.to_hf, step=f.step, dtype=f.dtype, family=f.family)
     except (checkpoint.CheckpointError, ValueError, FileExistsError) as err:
         sys.exit(f"error: {err}")
-    print(f"jtrain: exported {_WORKDIR.value} as a {family} model to {_TO_HF.value}")
+    print(f"jtrain: exported {f.workdir} as a {family} model to {f.to_hf}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["workdir", "to_hf"])
     app.run(main)

@@ -320,20 +320,24 @@ def _write_completions(generator, prompts, out, settings, report) -> Summary:
     return Summary(generated, skipped)
 
 
-_MODEL = flags.DEFINE_string("model", None, "A jtrain run directory, or hf:PATH.")
-_PROMPTS = flags.DEFINE_string("prompts", None, "JSON Lines of prompt, messages or prompt_ids.")
-_OUTPUT = flags.DEFINE_string("output", None, "A new JSON Lines file to write.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", Settings.max_new_tokens, "Tokens per line.")
-_TEMPERATURE = flags.DEFINE_float("temperature", Settings.temperature, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", Settings.top_k, "Sample from the k likeliest (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", Settings.top_p, "Sample from this probability mass.")
-_SEED = flags.DEFINE_integer("seed", Settings.seed, "Seeds the sampling of every batch.")
-_QUANTIZE = flags.DEFINE_enum("quantize", "none", QUANTIZE, "Weights in int8 (per channel).")
-_BATCH = flags.DEFINE_integer("batch_size", Settings.batch_size, "Lines generated together.")
-# jtrain.export defines a --step too: a process that imports both (tests) must not fail.
-_STEP = flags.DEFINE_integer(
-    "step", None, "The run's checkpoint step (default: the latest).", allow_override=True
-)
+def define_model_flags() -> None:
+    """--model, --step and --quantize: how jtrain.generate and jtrain.serve name a model."""
+    flags.DEFINE_string("model", None, "A jtrain run directory, or hf:PATH.")
+    flags.DEFINE_integer("step", None, "The run's checkpoint step (default: the latest).")
+    flags.DEFINE_enum("quantize", "none", QUANTIZE, "Weights in int8 (per channel).")
+
+
+def _define_flags() -> None:
+    """Defines the CLI flags; only when run as a program, so importing never claims names."""
+    define_model_flags()
+    flags.DEFINE_string("prompts", None, "JSON Lines of prompt, messages or prompt_ids.")
+    flags.DEFINE_string("output", None, "A new JSON Lines file to write.")
+    flags.DEFINE_integer("max_new_tokens", Settings.max_new_tokens, "Tokens per line.")
+    flags.DEFINE_float("temperature", Settings.temperature, "0 = greedy.")
+    flags.DEFINE_integer("top_k", Settings.top_k, "Sample from the k likeliest (0 = all).")
+    flags.DEFINE_float("top_p", Settings.top_p, "Sample from this probability mass.")
+    flags.DEFINE_integer("seed", Settings.seed, "Seeds the sampling of every batch.")
+    flags.DEFINE_integer("batch_size", Settings.batch_size, "Lines generated together.")
 
 
 def main(argv: list[str]) -> None:
@@ -341,27 +345,26 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
+    f = flags.FLAGS
     settings = Settings(
-        max_new_tokens=_MAX_NEW.value,
-        temperature=_TEMPERATURE.value,
-        top_k=_TOP_K.value,
-        top_p=_TOP_P.value,
-        seed=_SEED.value,
-        batch_size=_BATCH.value,
+        max_new_tokens=f.max_new_tokens,
+        temperature=f.temperature,
+        top_k=f.top_k,
+        top_p=f.top_p,
+        seed=f.seed,
+        batch_size=f.batch_size,
     )
     try:
         settings.check()
-        check_paths(_PROMPTS.value, _OUTPUT.value)  # before the model loads: fail in a second
-        generator = load(_MODEL.value, step=_STEP.value, quantize=_QUANTIZE.value)
-        summary = generate_file(generator, _PROMPTS.value, _OUTPUT.value, settings)
+        check_paths(f.prompts, f.output)  # before the model loads: fail in a second
+        generator = load(f.model, step=f.step, quantize=f.quantize)
+        summary = generate_file(generator, f.prompts, f.output, settings)
     except (checkpoint.CheckpointError, ValueError, OSError) as err:
         sys.exit(f"error: {err}")
-    print(
-        f"jtrain: generated {summary.generated} lines to {_OUTPUT.value} "
-        f"({summary.skipped} skipped)"
-    )
+    print(f"jtrain: generated {summary.generated} lines to {f.output} ({summary.skipped} skipped)")
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["model", "prompts", "output"])
     app.run(main)

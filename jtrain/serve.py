@@ -34,16 +34,17 @@ from jtrain.serving.app import create_app
 
 __all__ = ["create_app", "model_name"]
 
-# --model, --step and --quantize are jtrain.generate's flags (the same meaning), listed in this
-# --help too.
-for _name in ("model", "step", "quantize"):
-    flags.declare_key_flag(_name)
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "The address to listen on.")
-_PORT = flags.DEFINE_integer("port", 8000, "The port to listen on.")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "The most requests decoded together.")
-_NAME = flags.DEFINE_string(
-    "served_model_name", None, "The model's id in the API (default: --model's last part)."
-)
+
+def _define_flags() -> None:
+    """Defines the CLI flags (jtrain.generate's --model, --step and --quantize, and the
+    server's own); only when run as a program, so importing never claims names."""
+    generate.define_model_flags()
+    flags.DEFINE_string("host", "127.0.0.1", "The address to listen on.")
+    flags.DEFINE_integer("port", 8000, "The port to listen on.")
+    flags.DEFINE_integer("max_batch", 16, "The most requests decoded together.")
+    flags.DEFINE_string(
+        "served_model_name", None, "The model's id in the API (default: --model's last part)."
+    )
 
 
 def model_name(spec: str) -> str:
@@ -57,19 +58,20 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
-    spec = flags.FLAGS.model
-    if _MAX_BATCH.value < 1:
-        sys.exit(f"error: --max_batch={_MAX_BATCH.value} is invalid: it must be at least 1")
+    f = flags.FLAGS
+    if f.max_batch < 1:
+        sys.exit(f"error: --max_batch={f.max_batch} is invalid: it must be at least 1")
     try:
-        generator = generate.load(spec, step=flags.FLAGS.step, quantize=flags.FLAGS.quantize)
+        generator = generate.load(f.model, step=f.step, quantize=f.quantize)
     except (checkpoint.CheckpointError, ValueError, OSError) as err:
         sys.exit(f"error: {err}")
-    server = create_app(
-        generator, model_name=_NAME.value or model_name(spec), max_batch=_MAX_BATCH.value
+    name = f.served_model_name or model_name(f.model)
+    uvicorn.run(
+        create_app(generator, model_name=name, max_batch=f.max_batch), host=f.host, port=f.port
     )
-    uvicorn.run(server, host=_HOST.value, port=_PORT.value)
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["model"])
     app.run(main)

@@ -177,28 +177,31 @@ def train(
     )
 
 
-_INPUT = flags.DEFINE_multi_string(
-    "input", None, "Glob or directory of text, .jsonl, .parquet files (.gz/.zst ok); repeatable."
-)
-_OUTPUT = flags.DEFINE_string("output", None, "Directory for tokenizer.json and its config.")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size, special tokens included.")
-_TEXT_FIELD = flags.DEFINE_string(
-    "text_field", "text", "The text field of JSON and Parquet records."
-)
-_MIN_FREQUENCY = flags.DEFINE_integer("min_frequency", 2, "Fewest occurrences for a merge.")
-flags.mark_flags_as_required(["input", "output"])
+def _define_flags() -> None:
+    """Defines the CLI flags; only when run as a program, so importing never claims names."""
+    flags.DEFINE_multi_string(
+        "input",
+        None,
+        "Glob or directory of text, .jsonl, .parquet files (.gz/.zst ok); repeatable.",
+    )
+    flags.DEFINE_string("output", None, "Directory for tokenizer.json and its config.")
+    flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size, special tokens included.")
+    flags.DEFINE_string("text_field", "text", "The text field of JSON and Parquet records.")
+    flags.DEFINE_integer("min_frequency", 2, "Fewest occurrences for a merge.")
+    flags.mark_flags_as_required(["input", "output"])
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     try:
+        f = flags.FLAGS
         summary = train(
-            _INPUT.value,
-            _OUTPUT.value,
-            vocab_size=_VOCAB_SIZE.value,
-            text_field=_TEXT_FIELD.value,
-            min_frequency=_MIN_FREQUENCY.value,
+            f.input,
+            f.output,
+            vocab_size=f.vocab_size,
+            text_field=f.text_field,
+            min_frequency=f.min_frequency,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -206,4 +209,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
