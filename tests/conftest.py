@@ -66,3 +66,20 @@ def train_losses(workdir) -> dict[int, float]:
 
     events = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     return {e["step"]: e["loss"] for e in events if e["split"] == "train" and "loss" in e}
+
+
+def greedy_by_full_forward(model, prompt, new_tokens: int, width: int = 64) -> list[int]:
+    """Greedy continuation the slow way, the whole sequence again for every token: a
+    reference for the KV-cache sampler. Rows are padded to `width` after their end (causal
+    attention never looks there), so the forward pass compiles once."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    forward = jax.jit(lambda tokens: model(tokens))
+    tokens = list(prompt)
+    for _ in range(new_tokens):
+        row = np.zeros((1, width), np.int32)
+        row[0, : len(tokens)] = tokens
+        tokens.append(int(jnp.argmax(forward(row)[0, len(tokens) - 1])))
+    return tokens[len(prompt) :]

@@ -10,7 +10,7 @@ from flax import nnx
 
 from jtrain import models
 from jtrain.sampler import Sampler, bucket
-from tests.conftest import tiny_config
+from tests.conftest import greedy_by_full_forward, tiny_config
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 8], [11] * 12, [120, 1, 2, 3]]
 NEW = 10
@@ -33,10 +33,7 @@ def _forward_log_probs(model, prompt, completion, temperature=1.0):
 def test_greedy_batches_equal_one_prompt_at_a_time_by_full_forward(tiny_model):
     out = Sampler(tiny_model).generate(PROMPTS, max_new_tokens=NEW)
     for prompt, completion in zip(PROMPTS, out, strict=True):
-        tokens = list(prompt)
-        for _ in range(NEW):  # the slow way: the whole sequence again for every token
-            tokens.append(int(jnp.argmax(tiny_model(jnp.asarray([tokens]))[0, -1])))
-        assert completion.tokens.tolist() == tokens[len(prompt) :]
+        assert completion.tokens.tolist() == greedy_by_full_forward(tiny_model, prompt, NEW)
         assert completion.finish_reason == "length"
 
 
