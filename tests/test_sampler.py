@@ -92,6 +92,22 @@ def test_one_compilation_per_bucket(tiny_model):
     assert [bucket(n) for n in (1, 16, 17, 33)] == [16, 16, 32, 64]
 
 
+def test_the_sampler_runs_on_a_sharded_training_state():
+    # The training state as the step leaves it (2 x 2 x 2 mesh: data, fsdp, tensor), used
+    # in place: the same tokens and log-probs as the same weights on one device.
+    from jtrain.experiment import Experiment
+
+    config = tiny_config(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    exp = Experiment.from_config(config)
+    params = exp.init_state().model_params
+    assert len(jax.tree.leaves(params)[0].sharding.device_set) == 8
+    sharded = Sampler(nnx.merge(exp.graphdef, params)).generate(PROMPTS, max_new_tokens=NEW)
+    local = nnx.merge(exp.graphdef, jax.device_get(params))
+    for a, b in zip(sharded, Sampler(local).generate(PROMPTS, max_new_tokens=NEW), strict=True):
+        assert a.tokens.tolist() == b.tokens.tolist()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
 def test_bad_requests_say_what_is_wrong(tiny_model):
     sampler = Sampler(tiny_model)
     with pytest.raises(ValueError, match="at least one token"):
