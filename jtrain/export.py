@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from jtrain import checkpoint
+from jtrain import checkpoint, cli
 from jtrain.interop import hf
 from jtrain.runs import run_config, trained_model
 
@@ -73,10 +73,7 @@ def export_hf(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
+    cli.start(argv)
     f = flags.FLAGS
     try:
         family = export_hf(f.workdir, f.to_hf, step=f.step, dtype=f.dtype, family=f.family)

@@ -26,10 +26,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
-from jtrain import checkpoint, pretrained, runs
+from jtrain import checkpoint, cli, pretrained, runs
 from jtrain.data import readers, tokenizers
 from jtrain.models import int8
 from jtrain.sampler import Completion, Sampler
@@ -341,10 +341,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
+    cli.start(argv)
     f = flags.FLAGS
     settings = Settings(
         max_new_tokens=f.max_new_tokens,

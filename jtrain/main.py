@@ -2,10 +2,10 @@
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from jtrain import distributed, run
+from jtrain import cli, distributed, run
 from jtrain.checkpoint import CheckpointError
 from jtrain.config import ConfigError
 
@@ -29,10 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    cli.start(argv)
     try:
         # Before anything touches a device.
         distributed.initialize(

@@ -27,9 +27,9 @@ import os
 import sys
 
 import uvicorn
-from absl import app, flags, logging
+from absl import app, flags
 
-from jtrain import checkpoint, generate, pretrained
+from jtrain import checkpoint, cli, generate, pretrained
 from jtrain.serving.app import create_app
 
 __all__ = ["create_app", "model_name"]
@@ -54,10 +54,7 @@ def model_name(spec: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
+    cli.start(argv)
     f = flags.FLAGS
     if f.max_batch < 1:
         sys.exit(f"error: --max_batch={f.max_batch} is invalid: it must be at least 1")

@@ -80,17 +80,24 @@ def _torch_logits(model, tokens):
         return model(torch.tensor(tokens)).logits.float().numpy()
 
 
+def noisy_model(config):
+    """A transformers model of `config`, seeded, with noise on every parameter: zero biases
+    and unit norms would hide layout bugs."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """Each family as a randomly initialised transformers model saved to its own directory."""
     torch.set_num_threads(1)
     dirs = {}
     for name, config in FAMILIES.items():
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
-        with torch.no_grad():  # noise everywhere: zero biases and unit norms hide layout bugs
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+        model = noisy_model(config)
         path = str(tmp_path_factory.mktemp(name))
         # Small shards for one family, so that the index path is covered too.
         shard = "30KB" if name == "llama3" else "1GB"

@@ -124,16 +124,12 @@ transformers = pytest.importorskip("transformers")
 def hf_families(tmp_path_factory):
     """Each family of tests/test_hf.py as a transformers model and its jtrain import."""
     from jtrain.interop import hf
-    from tests.test_hf import FAMILIES
+    from tests.test_hf import FAMILIES, noisy_model
 
     torch.set_num_threads(1)
     out = {}
     for name, config in FAMILIES.items():
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
-        with torch.no_grad():  # noise: zero biases and unit norms would hide layout bugs
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+        model = noisy_model(config)
         path = str(tmp_path_factory.mktemp(name))
         model.save_pretrained(path, safe_serialization=True)
         out[name] = (model, hf.load_model(path))
