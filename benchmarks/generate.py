@@ -56,6 +56,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import overrides as overrides_lib  # noqa: E402
 from jtrain import config as config_lib  # noqa: E402
 from jtrain import runs  # noqa: E402
 from jtrain.interop import hf  # noqa: E402
@@ -95,16 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_config(path: str, overrides: list[str]):
     """The config file with --set overrides, validated as jtrain validates it."""
-    config = config_lib.load(path)
-    for item in overrides:
-        key, value = item.split("=", 1)
-        *parents, name = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[name] = type(node[name])(value) if not isinstance(node[name], bool) else (
-            value.lower() in ("1", "true")
-        )  # fmt: skip
+    config = overrides_lib.apply(config_lib.load(path), overrides)
     config_lib.validate(config)
     return config
 

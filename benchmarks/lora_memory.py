@@ -33,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jtrain.config  # noqa: E402
+from benchmarks import overrides  # noqa: E402
 from jtrain.data import pipeline  # noqa: E402
 from jtrain.experiment import Experiment  # noqa: E402
 
@@ -57,16 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def side_config(args, side: str):
     """The config file with --set overrides and the side's LoRA settings."""
-    config = jtrain.config.load(args.config)
-    for item in args.set:
-        key, value = item.split("=", 1)
-        *path, name = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[name] = type(node[name])(value) if not isinstance(node[name], bool) else (
-            value.lower() in ("1", "true")
-        )  # fmt: skip
+    config = overrides.apply(jtrain.config.load(args.config), args.set)
     config.model.lora.rank = args.rank
     config.model.lora.targets = args.targets
     config.model.lora.update(SIDES[side])
