@@ -83,3 +83,19 @@ def greedy_by_full_forward(model, prompt, new_tokens: int, width: int = 64) -> l
         row[0, : len(tokens)] = tokens
         tokens.append(int(jnp.argmax(forward(row)[0, len(tokens) - 1])))
     return tokens[len(prompt) :]
+
+
+def tiny_trained_run(tmp_path_factory, **overrides) -> str:
+    """A 2-step tiny run's workdir (positions capped at 64 tokens): a model to generate with."""
+    from jtrain.run import train_and_evaluate
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_config(
+        train__steps=2,
+        eval__every_steps=0,
+        checkpoint__every_steps=0,
+        model__max_seq_len=64,
+        **overrides,
+    )
+    train_and_evaluate(config, workdir)
+    return workdir

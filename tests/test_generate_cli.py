@@ -11,9 +11,8 @@ import pytest
 
 from jtrain import checkpoint, export, generate, runs
 from jtrain.data import tokenizers
-from jtrain.run import train_and_evaluate
 from jtrain.sampler import Completion, Sampler
-from tests.conftest import REPO, main_env, tiny_config
+from tests.conftest import REPO, main_env, tiny_trained_run
 
 NEW = 8
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
@@ -21,12 +20,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("run"))
-    config = tiny_config(
-        train__steps=2, eval__every_steps=0, checkpoint__every_steps=0, model__max_seq_len=64
-    )
-    train_and_evaluate(config, workdir)
-    return workdir
+    return tiny_trained_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -22,24 +22,17 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from jtrain import generate, serve  # noqa: E402
 from jtrain.data import tokenizers  # noqa: E402
-from jtrain.run import train_and_evaluate  # noqa: E402
 from jtrain.sampler import Completion, Sampler  # noqa: E402
 from jtrain.serving import protocol, responses  # noqa: E402
 from jtrain.serving.batcher import Batcher  # noqa: E402
-from tests.conftest import REPO, main_env, tiny_config  # noqa: E402
+from tests.conftest import REPO, main_env, tiny_trained_run  # noqa: E402
 
-MAX_LEN = 64
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("run"))
-    config = tiny_config(
-        train__steps=2, eval__every_steps=0, checkpoint__every_steps=0, model__max_seq_len=MAX_LEN
-    )
-    train_and_evaluate(config, workdir)
-    return workdir
+    return tiny_trained_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
