@@ -42,30 +42,7 @@ def create_app(
 
     app = fastapi.FastAPI(title="jtrain", lifespan=lifespan)
     app.state.batcher, app.state.model_name = batcher, model_name
-    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "jtrain"}
-
-    @app.exception_handler(ApiError)
-    async def _refused(_, err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_, err: HTTPException) -> JSONResponse:
-        return JSONResponse(protocol.error_body(str(err.detail)), status_code=err.status_code)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [model_card]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> dict:
-        if model_id != model_name:
-            message = f"The model {model_id!r} does not exist: this server serves {model_name!r}"
-            raise ApiError(message, param="model", status=404)
-        return model_card
+    _add_errors_and_models(app, {"id": model_name, "object": "model", "created": created})
 
     async def serve(request: fastapi.Request, kind: str):
         parsed = protocol.parse(await _json_body(request), kind, generator, model_name)
@@ -90,6 +67,34 @@ def create_app(
         return await serve(request, "chat")
 
     return app
+
+
+def _add_errors_and_models(app: fastapi.FastAPI, card: dict) -> None:
+    """OpenAI-style bodies for every refusal; /health and the one model's card."""
+    card = {**card, "owned_by": "jtrain"}
+
+    @app.exception_handler(ApiError)
+    async def _refused(_, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, err: HTTPException) -> JSONResponse:
+        return JSONResponse(protocol.error_body(str(err.detail)), status_code=err.status_code)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != card["id"]:
+            message = f"The model {model_id!r} does not exist: this server serves {card['id']!r}"
+            raise ApiError(message, param="model", status=404)
+        return card
 
 
 async def _json_body(request: fastapi.Request):
