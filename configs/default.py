@@ -79,6 +79,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.microbatches = 1  # gradient accumulation: the batch is split into this many parts
     c.train.log_every = 50  # steps between train metric logs
     c.train.on_nonfinite = "halt"  # a NaN/inf loss or gradient: halt | skip (drop that update)
+    c.train.epochs = 0  # > 0: train this many passes over the train split (sets train.steps)
+    # Stop when a validation metric stops improving, and end on the best evaluation's weights.
+    c.train.early_stopping = ml_collections.ConfigDict()
+    c.train.early_stopping.metric = ""  # a val metric to watch (loss, accuracy, ...); "" = off
+    c.train.early_stopping.mode = "min"  # min: lower is better | max: higher is better
+    c.train.early_stopping.patience = 5  # evaluations without improvement before stopping
+    c.train.early_stopping.min_delta = 0.0  # the least change that counts as an improvement
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 100  # steps between validation passes (0 = only at the end)

@@ -106,20 +106,27 @@ def _saved_layout(manager: ocp.CheckpointManager, step: int) -> dict | None:
 
 
 class Checkpoints:
-    """The run's CheckpointManager: keeps the last `keep` plus the best by validation loss."""
+    """The run's CheckpointManager: keeps the last `keep` plus the best by a validation metric
+    (`best_metric`, lower is better with best_mode="min", higher with "max")."""
 
     def __init__(
-        self, workdir: str, ckpt_cfg, *, best_metric: str = "loss", read_only: bool = False
+        self,
+        workdir: str,
+        ckpt_cfg,
+        *,
+        best_metric: str = "loss",
+        best_mode: str = "min",
+        read_only: bool = False,
     ):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.best_metric = best_metric
         keep = [policies.LatestN(ckpt_cfg.keep)]
         if ckpt_cfg.keep_best:
-            # Ascending sort keeps the largest: reverse it so the smallest loss survives.
+            # Ascending sort keeps the largest: reversed, the smallest survives.
             keep.append(
                 policies.BestN(
                     get_metric_fn=lambda m: m[best_metric],
-                    reverse=True,
+                    reverse=best_mode == "min",
                     n=1,
                     keep_checkpoints_without_metrics=False,  # else LatestN never deletes
                 )

@@ -13,7 +13,7 @@ import sys
 
 import ml_collections
 
-from jtrain import models, optim, pretrained, tasks
+from jtrain import early_stopping, models, optim, pretrained, tasks
 from jtrain.data import pipeline
 from jtrain.mesh import parse_rules
 from jtrain.models import lora
@@ -30,12 +30,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     mesh, metrics).
     """
     task_class = tasks.task_class(config.task)
+    kind, allowed = (
+        config.model.get("kind", "transformer"),
+        models.kinds_reading(task_class.model_reads),
+    )
+    why = f"task={config.task} needs a model of {task_class.model_reads}; allowed: "
+    require(kind in allowed, "model.kind", kind, why + ", ".join(allowed))
     models.family_of(config.model).validate(config)
     lora.validate(config)
     _validate_loop(config)
     try:
-        pipeline.validate_data_config(config, task_class(config))
+        task = task_class(config)
+        pipeline.validate_data_config(config, task)
         task_class.validate(config)  # e.g. the vocabulary, the chat template
+        _schedule_by_epochs(config, task)
         for note in optim.validate(config):
             print(f"jtrain: {note}", flush=True)
     except ConfigError:
@@ -51,6 +59,10 @@ def _validate_loop(config) -> None:
     # train.batch_size, train.seq_len, eval.steps and seed: the data pipeline's (it builds
     # the batches).
     positive_ints(t, "train", ["steps", "microbatches", "log_every"])
+    epochs = t.get("epochs", 0)
+    ok = isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 0
+    require(ok, "train.epochs", epochs, "must be an integer >= 0 (0 = train.steps decides)")
+    early_stopping.validate(config)
     one_of("train.on_nonfinite", t.on_nonfinite, ("halt", "skip"))
     require(
         t.batch_size % t.microbatches == 0,
@@ -86,6 +98,34 @@ def _validate_loop(config) -> None:
         raise ConfigError(str(err)) from None
     peak = config.metrics.peak_flops_per_device
     require(peak >= 0, "metrics.peak_flops_per_device", peak, "must be >= 0 (0 = auto)")
+
+
+def _schedule_by_epochs(config, task) -> None:
+    """With train.epochs, sets train.steps and an evaluation every epoch; with early stopping,
+    a checkpoint at every evaluation (the best is restored at the end). Prints each change."""
+    t, changes = config.train, []
+    if t.get("epochs", 0):
+        examples = pipeline.epoch_examples(config, task=task)
+        per_epoch = -(-examples // t.batch_size)
+        changes.append(f"train.epochs={t.epochs} of {examples} examples: train.steps=")
+        t.steps = t.epochs * per_epoch
+        changes[-1] += f"{t.steps} ({per_epoch} per epoch), eval.every_steps={per_epoch}"
+        config.eval.every_steps = per_epoch
+    if early_stopping.Settings.from_config(config):
+        every = config.eval.every_steps
+        require(
+            every > 0,
+            "eval.every_steps",
+            every,
+            "must be > 0 with train.early_stopping (it watches the evaluations); or set "
+            "train.epochs to evaluate every epoch",
+        )
+        ck = config.checkpoint
+        if ck.every_steps != every or not ck.keep_best:
+            ck.every_steps, ck.keep_best = every, True
+            changes.append(f"checkpoint.every_steps={every} and keep_best=True (early stopping)")
+    for change in changes:
+        print(f"jtrain: {change}", flush=True)
 
 
 def prepare(config: ml_collections.ConfigDict) -> list[str]:

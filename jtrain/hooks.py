@@ -9,14 +9,16 @@ at; the loop then waits for the device) and `on_end`.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from jtrain import checkpoint, text_scores
+from jtrain import checkpoint, metrics, text_scores
 from jtrain.data import pipeline
 from jtrain.experiment import Experiment
 from jtrain.sampler import Sampler
@@ -39,23 +41,51 @@ class Hook:
     def run(self, loop, step: int, state: TrainState) -> None:
         """After a step this hook is due at."""
 
+    def final_state(self, loop, state: TrainState) -> TrainState:
+        """The weights a finished run ends with (after the last step, before `on_end`);
+        early stopping returns the best evaluation's and sets `loop.final_step`."""
+        return state
+
     def on_end(self, loop, state: TrainState, *, preempted: bool) -> None:
-        """After the last step (or the preempted one)."""
+        """After the last step (or the preempted one), with the final state."""
 
 
 def _every(step: int, every: int) -> bool:
     return bool(every) and step % every == 0
 
 
-def evaluate(exp: Experiment, state: TrainState, batches: Iterable) -> dict[str, float]:
-    """The task's metrics over every batch of an evaluation split, weighted exactly."""
-    total = None
+def evaluate(
+    exp: Experiment, state: TrainState, batches: Iterable, *, save_as: str | None = None
+) -> dict[str, float]:
+    """The task's metrics over every batch of an evaluation split, weighted exactly.
+
+    Sums are added on the device; per-example outputs (for metrics that are not sums) are
+    gathered to the host and reported once the whole split is in. With `save_as` (a path
+    stem), the task also writes its files about the evaluation there (process 0 only).
+    """
+    total, outputs = None, []
     for local_batch in batches:
         out = exp.eval_step(state.params, state.frozen, exp.global_batch(local_batch))
+        if out.outputs:
+            outputs.append(_to_host(out.outputs))
+        out = out.summed()
         total = out if total is None else total + out
     if total is None:
         raise ValueError("the evaluation split produced no batches")
-    return exp.task.report(jax.device_get(total))
+    results = exp.task.report(jax.device_get(total))
+    if outputs:
+        gathered = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+        results.update(exp.task.report_outputs(gathered))
+        if save_as and jax.process_index() == 0:
+            exp.task.save_outputs(gathered, save_as)
+    return results
+
+
+def _to_host(tree) -> dict[str, np.ndarray]:
+    """Global per-example arrays as host numpy, gathered from every process if need be."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
 
 
 class Evaluate(Hook):
@@ -73,7 +103,8 @@ class Evaluate(Hook):
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        loop.results[self.split] = evaluate(loop.exp, state, batches)
+        stem = os.path.join(loop.workdir, "eval", self.split)
+        loop.results[self.split] = evaluate(loop.exp, state, batches, save_as=stem)
         loop.writer.write(step, self.split, loop.results[self.split])
         self.ran_at = step
 
@@ -88,19 +119,55 @@ class Evaluate(Hook):
         self.evaluate(loop, step, state)
 
     def on_end(self, loop, state, *, preempted) -> None:
-        last = loop.config.train.steps
-        if not preempted and self.ran_at != last:  # a finished run, resumed
-            self.evaluate(loop, last, state)
+        if not preempted and self.ran_at != loop.end_step:  # a finished run, resumed
+            self.evaluate(loop, loop.end_step, state)
+
+
+def recorded_event(workdir: str, split: str) -> dict | None:
+    """The last event of `split` in workdir/metrics.jsonl (None if none), the same on every
+    process: process 0 reads it and tells the others whether there is one."""
+    event = None
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "metrics.jsonl")
+        events = metrics.read_metrics(path) if os.path.exists(path) else []
+        event = next((e for e in reversed(events) if e.get("split") == split), None)
+    if jax.process_count() > 1:
+        found = multihost_utils.broadcast_one_to_all(np.int32(event is not None))
+        if found and event is None:
+            event = {}  # the others only need to know that there is one
+    return event
 
 
 class FinalEvaluate(Evaluate):
-    """Evaluates a split once, at the end of a run that was not preempted: the test split."""
+    """Evaluates a split once per run, at the end, on the final weights: the test split.
+
+    A workdir whose metrics.jsonl already has the split's event (a finished run started again)
+    is not evaluated a second time: touching the test split again would make it validation.
+    """
 
     def __init__(self, split: str):
         super().__init__(split, every=0)
 
     def due(self, step, *, last, preempted) -> bool:
         return False
+
+    def on_end(self, loop, state, *, preempted) -> None:
+        if preempted:
+            return
+        done = recorded_event(loop.workdir, self.split)
+        if done is None:
+            self.evaluate(loop, loop.final_step, state)
+            return
+        print(already_evaluated(self.split, done), flush=True)
+        loop.results[self.split] = {k: v for k, v in done.items() if k not in ("step", "split")}
+
+
+def already_evaluated(split: str, event: dict) -> str:
+    return (
+        f"jtrain: the {split} split of this run was already evaluated (step {event.get('step')}, "
+        f"loss {event.get('loss')}; see metrics.jsonl) and is evaluated only once per run; "
+        "not evaluated again. Train in a new workdir to test other weights."
+    )
 
 
 class GenerateEvaluate(Hook):
@@ -187,8 +254,8 @@ class TrainLog(Hook):
 
     def on_end(self, loop, state, *, preempted) -> None:
         if not preempted:
-            last = loop.config.train.steps
-            loop.writer.write(last, "train", {"wall_time": time.perf_counter() - loop.started})
+            wall_time = time.perf_counter() - loop.started
+            loop.writer.write(loop.end_step, "train", {"wall_time": wall_time})
 
 
 class Display(Hook):

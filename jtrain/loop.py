@@ -9,6 +9,7 @@ and preemption; evaluation, checkpoints, logs and the end-of-run display are hoo
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Protocol
 
@@ -69,15 +70,35 @@ class Loop:
     ckpts: checkpoint.Checkpoints
     started: float  # time.perf_counter() at the start of the run
     results: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # Why the run ended before train.steps (early stopping); set by a hook via `stop`.
+    stop_reason: str | None = None
+    end_step: int = 0  # the last step taken: train.steps, or where the run stopped
+    final_step: int = 0  # the step of the weights the run ends with (early stopping: the best)
 
     def __post_init__(self):
         self.throughput = metrics.Throughput(self.exp)
 
+    @property
+    def workdir(self) -> str:
+        return os.path.dirname(self.ckpts.directory)
+
+    def stop(self, reason: str) -> None:
+        """Ends the run after the current step's hooks, as if it were the last."""
+        self.stop_reason = reason
+
     def run(self, state: TrainState, first_step: int, preemption) -> tuple[TrainState, bool]:
-        """Runs steps first_step+1 .. train.steps; returns the state and whether preempted."""
+        """Runs steps first_step+1 .. train.steps (or until a hook stops the run), then lets
+        the hooks pick the final weights and finish; returns them and whether preempted."""
+        self.end_step = self.final_step = first_step
         for hook in self.hooks:
             hook.on_start(self, state, first_step)
-        state, preempted = self._steps(state, first_step, preemption)
+        preempted = False
+        if self.stop_reason is None:  # a run that stopped early before stays stopped
+            state, preempted = self._steps(state, first_step, preemption)
+        if not preempted:
+            self.final_step = self.end_step
+            for hook in self.hooks:
+                state = hook.final_state(self, state)
         for hook in self.hooks:
             hook.on_end(self, state, preempted=preempted)
         return state, preempted
@@ -86,6 +107,7 @@ class Loop:
         last = self.config.train.steps
         train_step, previous = None, None  # previous: (step, metrics), read once n+1 runs
         for step in range(first_step + 1, last + 1):
+            self.end_step = step
             batch = self.batches.next(state)
             if train_step is None:
                 train_step = self._compile(state, batch, step)
@@ -106,6 +128,9 @@ class Loop:
                 self.ckpts.wait()
                 print(f"jtrain: preempted; saved step {step} in {self.ckpts.directory}", flush=True)
                 return state, True
+            if self.stop_reason is not None:
+                print(f"jtrain: stopped at step {step}: {self.stop_reason}", flush=True)
+                return state, False
         if previous is not None:  # no hook was due after the last step
             self._finish(*previous)
         return state, False

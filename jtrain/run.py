@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -14,7 +15,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from jtrain import checkpoint, hooks, metrics, pretrained
+from jtrain import checkpoint, early_stopping, hooks, metrics, pretrained
 from jtrain import config as config_lib
 from jtrain.data import pipeline
 from jtrain.experiment import Experiment
@@ -94,14 +95,25 @@ def _hooks(exp: Experiment, ckpts: checkpoint.Checkpoints) -> list[hooks.Hook]:
     c = exp.config
     val = hooks.Evaluate("val", c.eval.every_steps, at_start=bool(c.model.init_from))
     generate = hooks.GenerateEvaluate("val", c.eval.every_steps, c.eval.generate)
+    stopping = early_stopping.Settings.from_config(c)
     return [
         val,
         *([generate] if c.eval.generate.examples else []),
+        *([early_stopping.EarlyStopping(stopping, val, ckpts)] if stopping else []),
         hooks.Checkpoint(ckpts, c.checkpoint.every_steps, val),
         hooks.FinalEvaluate("test"),  # the test split: once, at the end
         hooks.TrainLog(c.train.log_every, c.train.steps),
         hooks.Display(),
     ]
+
+
+def _save_artifacts(task: Task, workdir: str) -> None:
+    for name, content in task.artifacts().items():
+        path = os.path.join(workdir, name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(content, f, indent=1)
+            f.write("\n")
+        os.replace(path + ".tmp", path)
 
 
 def train_and_evaluate(
@@ -122,7 +134,11 @@ def train_and_evaluate(
         config_lib.save_json(config, workdir)
 
     exp = Experiment.from_config(config, task=task)
-    ckpts = checkpoint.Checkpoints(workdir, config.checkpoint)
+    if jax.process_index() == 0:
+        _save_artifacts(exp.task, workdir)
+    stopping = early_stopping.Settings.from_config(config)
+    best = {"best_metric": stopping.metric, "best_mode": stopping.mode} if stopping else {}
+    ckpts = checkpoint.Checkpoints(workdir, config.checkpoint, **best)
     iterator = pipeline.make_train_iterator(
         config,
         task=exp.task,
@@ -157,9 +173,13 @@ def evaluate(
     the `model.init_from` weights when the workdir has no checkpoint; appends the event to
     workdir/metrics.jsonl and returns the metrics. Nothing is trained or saved."""
     _prepare(config)
+    split = config.eval.split
+    done = hooks.recorded_event(workdir, "test") if split == "test" else None
+    if done is not None:  # the test split is touched once per run
+        print(hooks.already_evaluated(split, done), flush=True)
+        return {k: v for k, v in done.items() if k not in ("step", "split")}
     exp = Experiment.from_config(config, task=task)
     state, at = _evaluated_state(exp, workdir, step)
-    split = config.eval.split
     batches = pipeline.eval_batches(
         config,
         split,
@@ -167,7 +187,8 @@ def evaluate(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    results = hooks.evaluate(exp, state, batches)
+    stem = os.path.join(workdir, "eval", split)
+    results = hooks.evaluate(exp, state, batches, save_as=stem)
     if config.eval.generate.examples:
         generate = hooks.GenerateEvaluate(split, 0, config.eval.generate)
         results.update(generate.scores(exp, state) or {})
@@ -180,6 +201,7 @@ def _evaluated_state(exp: Experiment, workdir: str, step: int | None) -> tuple[T
     """(state, its step): a checkpoint of workdir, else the model.init_from weights."""
     init_from = exp.config.model.init_from
     restored = None
+    step = early_stopping.final_step(workdir) if step is None else step
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         ckpts = checkpoint.Checkpoints(workdir, exp.config.checkpoint, read_only=True)
         try:

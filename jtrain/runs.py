@@ -14,7 +14,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from jtrain import checkpoint
+from jtrain import checkpoint, early_stopping, tasks
 from jtrain.experiment import Experiment
 from jtrain.models import lora
 from jtrain.state import BASE
@@ -37,15 +37,37 @@ def _host_devices() -> list[jax.Device]:
         return jax.local_devices()[:1]
 
 
+def run_task(workdir: str, config: ml_collections.ConfigDict | None = None) -> tasks.Task:
+    """The run's task with the files it saved (`Task.artifacts`, e.g. a table's
+    preprocessing) taken back, so it needs none of the training data."""
+    config = run_config(workdir) if config is None else config
+    task = tasks.get(config)
+    files = {}
+    for name in task.artifacts_names():
+        path = os.path.join(workdir, name)
+        if not os.path.isfile(path):
+            raise checkpoint.CheckpointError(
+                f"{path} is missing: the run saved it when training started; without it the "
+                "run's preprocessing cannot be applied to new data."
+            )
+        with open(path) as f:
+            files[name] = json.load(f)
+    task.load_artifacts(files)
+    return task
+
+
 def trained_model(workdir: str, *, step: int | None = None) -> nnx.Module:
-    """The run's model with the weights of its checkpoint at `step` (None = the latest).
+    """The run's model with the weights of its checkpoint at `step` (None = the run's final
+    weights: the latest checkpoint, or the best one where early stopping chose it).
 
     A LoRA run's checkpoint holds its adapters only: the frozen base is rebuilt as the run
     built it (from model.init_from, or from the seed), and the adapters are merged into it.
     """
     config = run_config(workdir)
     config.mesh.update(data=1, fsdp=1, tensor=1)
-    exp = Experiment.from_config(config, _host_devices())
+    task = run_task(workdir, config)
+    exp = Experiment.from_config(config, _host_devices(), task=task)
+    step = early_stopping.final_step(workdir) if step is None else step
     params = checkpoint.load_params(workdir, exp.abstract_sharded_state().params, step=step)
     if not exp.has_frozen_base():
         return nnx.merge(exp.graphdef, params)

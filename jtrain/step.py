@@ -39,7 +39,7 @@ def _loss_and_grads(params, frozen, batch: Batch, rng, *, structure: Structure, 
 
     def loss_fn(p):
         model, frozen_models = structure.models(p, frozen)
-        out = task.loss(model, batch, dropout_rng=rng, frozen=frozen_models)
+        out = task.loss(model, batch, dropout_rng=rng, frozen=frozen_models).summed()
         return out.loss_sum, out
 
     grads, out = jax.grad(loss_fn, has_aux=True)(params)

@@ -8,7 +8,7 @@ counts exactly once. Each row carries `loss_weight` 1.0, for the task's loss to 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -19,10 +19,20 @@ Batch = dict[str, np.ndarray]
 WEIGHT = "loss_weight"
 
 
-class ArrayExamples:
-    """Named arrays [N, ...], row i of each being example i."""
+Augment = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
 
-    def __init__(self, features: Mapping[str, np.ndarray]):
+
+class ArrayExamples:
+    """Named arrays [N, ...], row i of each being example i.
+
+    `augment(row, rng)`, if given, transforms each training row (never an evaluation row) with
+    a generator seeded by the run's seed and the row's position in the endless stream, so the
+    same step sees the same augmentation after a resume. It must be picklable (a module-level
+    function or an object) for `data.workers > 0`, and keep every array's shape and dtype.
+    """
+
+    def __init__(self, features: Mapping[str, np.ndarray], *, augment: Augment | None = None):
+        self.augment = augment
         arrays = {name: np.asarray(value) for name, value in features.items()}
         sizes = {name: a.shape[0] if a.ndim else None for name, a in arrays.items()}
         if not arrays or len(set(sizes.values())) != 1 or None in sizes.values():
@@ -72,12 +82,18 @@ class ArrayRows:
     def train_rows(self, examples: ArrayExamples, r: rows.RowSettings, shuffle_seed, offset_seed):
         if not len(examples):
             raise ValueError(f"{r.where} has no examples; check the data.")
-        return (
+        rows_ = (
             grain.MapDataset.range(len(examples))
             .shuffle(seed=shuffle_seed)
             .repeat()  # reseeds the shuffle every epoch
             .map(_Row(examples))
         )
+        if examples.augment is None:
+            return rows_
+        return rows_.random_map(examples.augment, seed=offset_seed)
+
+    def epoch_rows(self, examples: ArrayExamples, r: rows.RowSettings) -> int:
+        return len(examples)
 
     def collate(self, r: rows.RowSettings):
         return _stacked
@@ -89,7 +105,10 @@ class ArrayRows:
         names = set(parts[0].features)
         if any(set(p.features) != names for p in parts):
             raise ValueError("the sources of a mixture give examples with different features")
-        return ArrayExamples({n: np.concatenate([p.features[n] for p in parts]) for n in names})
+        augment = parts[0].augment  # one task made them all
+        return ArrayExamples(
+            {n: np.concatenate([p.features[n] for p in parts]) for n in names}, augment=augment
+        )
 
 
 rows.register(ArrayExamples, ArrayRows())

@@ -194,6 +194,16 @@ def _source_rows(s: _Settings, index: int, spec: sources.SourceSpec):
     return builder.train_rows(examples, settings, *_data_seeds(s.seed, index)), builder
 
 
+def epoch_examples(config, *, task: Task | None = None) -> int:
+    """Training examples (rows) in one epoch: every source's train split once."""
+    s = _settings(config, 0, 1, task)
+    total = 0
+    for spec in s.specs:
+        examples = s.task.examples(spec, "train")
+        total += row_kinds.builder_for(examples).epoch_rows(examples, s.rows)
+    return total
+
+
 def train_dataset(
     config, *, task: Task | None = None, process_index: int = 0, process_count: int = 1
 ) -> grain.MapDataset:

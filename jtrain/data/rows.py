@@ -45,6 +45,10 @@ class RowBuilder(Protocol):
         give padding rows whose loss weight is 0, so every batch has the same shape."""
         ...
 
+    def epoch_rows(self, examples, r: RowSettings) -> int:
+        """Training rows in one pass over the examples (what `train.epochs` counts)."""
+        ...
+
     def concat(self, parts: Sequence) -> Any:
         """Several sources' example sets of one split as one, in order."""
         ...

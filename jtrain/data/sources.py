@@ -57,7 +57,14 @@ def source_names(holds: str = "text") -> tuple[str, ...]:
 # Source specs: what config.data.source names.
 
 PREPARED, FILES, PYTHON = "prepared:", "files:", "python:"
-_PREFIXES = {"named": "", "prepared": PREPARED, "files": FILES, "python": PYTHON}
+# "supervised": a table or image set (jtrain.data.supervised), checked by its task.
+_PREFIXES = {
+    "named": "",
+    "prepared": PREPARED,
+    "files": FILES,
+    "python": PYTHON,
+    "supervised": "",
+}
 # Most common first: an error message lists them in this order.
 _STEMS = (".jsonl", ".txt", ".json", ".ndjson", ".text", ".md")
 FILE_SUFFIXES = tuple(s + c for s in _STEMS for c in ("", ".gz", ".zst", ".zstd")) + (
@@ -160,6 +167,8 @@ def parse_spec(spec, names: Sequence[str] | None = None) -> tuple[SourceSpec, ..
 def check(spec: SourceSpec, source: str | None = None) -> None:
     """Checks cheaply (no records read) that `spec` can load; `source` is all of data.source."""
     source = str(spec) if source is None else source
+    if spec.kind == "supervised":
+        return  # its task checks it with the keys it needs (data.target, data.features)
     if spec.kind == "files":
         text_files(source, spec.target)
     elif spec.kind == "python":

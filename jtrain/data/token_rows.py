@@ -103,6 +103,10 @@ class TokenRows:
             .map_with_index(StreamRows(documents, r.seq_len, rows_per_epoch, offset_seed))
         )
 
+    def epoch_rows(self, documents: Documents, r: rows.RowSettings) -> int:
+        # The split's tokens in rows of seq_len: exact for cut rows, close for packed ones.
+        return max(1, -(-documents.num_tokens // r.seq_len))
+
     def collate(self, r: rows.RowSettings):
         return packing.to_batch if _segmented(r) else stream_batch
 

@@ -16,7 +16,14 @@ from jtrain.validation import ConfigError
 
 
 class Family(Protocol):
-    """What a model family supplies."""
+    """What a model family supplies.
+
+    `reads` says what its models take: "tokens" (token ids: the transformer) or "arrays" (a
+    dict of feature arrays, `jtrain.models.inputs`: the mlp, cnn and vit families, which also
+    have `forward_flops(model_config, inputs, outputs)`). A task names the one it needs.
+    """
+
+    reads: str
 
     def validate(self, config) -> None:
         """Raises ConfigError naming the first `model.*` value that cannot work."""
@@ -51,6 +58,11 @@ def family_of(model_config) -> Family:
     return get(model_config.get("kind", "transformer"))
 
 
+def kinds_reading(reads: str) -> tuple[str, ...]:
+    """The registered `model.kind` values whose models read `reads`."""
+    return tuple(k for k in kinds() if _FAMILIES[k].reads == reads)
+
+
 def get(kind: str) -> Family:
     """The family `model.kind` names; ConfigError lists the known ones."""
     _load_builtin()
@@ -60,4 +72,5 @@ def get(kind: str) -> Family:
 
 
 def _load_builtin() -> None:
-    from jtrain.models import transformer  # noqa: F401 - registers "transformer"
+    # Each import registers its family: "transformer", "mlp", "cnn", "vit".
+    from jtrain.models import cnn, mlp, transformer, vit  # noqa: F401

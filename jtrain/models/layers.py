@@ -215,12 +215,13 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query self-attention with rotary embeddings (unless positions are learned)."""
+    """Grouped-query self-attention with rotary embeddings (unless positions are learned);
+    causal unless built with causal=False (encoders such as the ViT)."""
 
     # Projection kernels -> how many leading dims each contracts (what LoRA can adapt).
     KERNELS = {"q_DxHxK": 1, "k_DxGxK": 1, "v_DxGxK": 1, "o_HxKxD": 2}
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, causal: bool = True, rngs: nnx.Rngs):
         d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         out_std = 1.0 / math.sqrt(h * k) / math.sqrt(2 * cfg.n_layers)
         self.q_DxHxK = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), stddev=d**-0.5)
@@ -238,6 +239,7 @@ class Attention(nnx.Module):
         # A token attends to itself and the sliding_window - 1 tokens before it (Mistral).
         self.local_window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
         self.implementation = None if cfg.attention == "xla" else cfg.attention
+        self.causal = causal
         self.lora = nnx.data(None)  # adapters: jtrain.models.lora.attach sets them
 
     def __call__(
@@ -250,7 +252,7 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """The attention output and, when decoding, the cache with this call's keys and values.
 
-        Without a cache the attention is causal over x itself (training, evaluation); with one,
+        Without a cache x attends over itself, causally unless built with causal=False; with one,
         x's keys and values are written at `cache.index` and x attends over the whole cache
         through `cache.mask`, which already holds causality, padding and the sliding window.
         """
@@ -270,7 +272,7 @@ class Attention(nnx.Module):
             k,
             v,
             mask=mask_Bx1xLxL if cache is None else cache.mask,
-            is_causal=cache is None,
+            is_causal=self.causal and cache is None,
             local_window_size=self.local_window if cache is None else None,
             implementation=self.implementation,
         )

@@ -245,6 +245,8 @@ HEADS = {"logits": Transformer, "scores": Scorer}
 class TransformerFamily:
     """Decoder-only transformers: Llama, Mistral, Qwen2 and GPT-2 layouts."""
 
+    reads = "tokens"
+
     def make(self, model_config, *, head: str, rngs: nnx.Rngs, **head_options) -> Decoder:
         """The trunk of `model_config` with the named head (`logits` or `scores`)."""
         cfg = TransformerConfig.from_mapping(model_config)

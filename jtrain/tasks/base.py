@@ -10,10 +10,12 @@ produced (`show`). Nothing outside `jtrain/tasks/` branches on which task runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import jax
+import numpy as np
 from flax import nnx, struct
 
 from jtrain.data import sources
@@ -26,15 +28,26 @@ class LossOutput:
     """Additive sums over a batch, so micro-batches and eval batches combine exactly.
 
     The reported loss is loss_sum / weight; each entry of `sums` is reported as
-    sums[name] / weight (e.g. accuracy = correct / target tokens).
+    sums[name] / weight (e.g. accuracy = correct / target tokens). `outputs` holds per-example
+    values [B, ...] for metrics that are not sums (ROC-AUC, R², a confusion matrix): evaluation
+    gathers them over the whole split for `Task.report_outputs`; training ignores them.
     """
 
     loss_sum: jax.Array
     weight: jax.Array  # the summed loss weight: target tokens for language models
     sums: dict[str, jax.Array]
+    outputs: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
     def __add__(self, other: LossOutput) -> LossOutput:
-        return jax.tree.map(lambda a, b: a + b, self, other)
+        """The sums added; per-example outputs are not sums, so they are left out."""
+        add = functools.partial(jax.tree.map, lambda a, b: a + b)
+        return LossOutput(
+            self.loss_sum + other.loss_sum, self.weight + other.weight, add(self.sums, other.sums)
+        )
+
+    def summed(self) -> LossOutput:
+        """Without the per-example outputs."""
+        return self.replace(outputs={})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +80,9 @@ class Task:
     # Whether an example may be cut across rows (plain documents) or must stay whole in one
     # row (chat examples, whose loss weights are tied to their rendering).
     splittable_examples: ClassVar[bool] = True
+    # What the model must read: "tokens" (the transformer family) or "arrays" (the feature
+    # dicts of tables and images); `model.kind` must name a family that reads it.
+    model_reads: ClassVar[str] = "tokens"
 
     def __init__(self, config):
         self.config = config
@@ -85,6 +101,18 @@ class Task:
         """One split of one source as an example set: token `Documents` or `ArrayExamples`
         (`jtrain.data.rows`); read the records with `sources.load_records`."""
         raise NotImplementedError(f"task {type(self).__name__} defines no examples()")
+
+    def artifacts(self) -> dict[str, dict]:
+        """JSON files a run saves in its workdir for later use (a table's preprocessing), by
+        file name; written once when training starts."""
+        return {}
+
+    def artifacts_names(self) -> tuple[str, ...]:
+        """The file names `artifacts()` writes (known without reading any data)."""
+        return ()
+
+    def load_artifacts(self, files: dict[str, dict]) -> None:
+        """Takes back a finished run's `artifacts()` (prediction on new data)."""
 
     # Model and loss.
 
@@ -114,6 +142,15 @@ class Task:
         metrics.update({name: float(value) / weight for name, value in totals.sums.items()})
         metrics["loss_weight"] = float(totals.weight)
         return metrics
+
+    def report_outputs(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        """Metrics that are not sums, from the per-example `LossOutput.outputs` of a whole
+        split (host arrays, every example once, padding rows included: weight them out)."""
+        return {}
+
+    def save_outputs(self, outputs: dict[str, np.ndarray], stem: str) -> None:
+        """Writes files about an evaluation (a confusion matrix) to paths starting with
+        `stem` (e.g. WORKDIR/eval/val); nothing by default."""
 
     # Accounting and display.
 
