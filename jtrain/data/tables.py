@@ -1,7 +1,7 @@
 """`csv:PATH` and `parquet:PATH` sources: tables of feature columns and one target column.
 
-PATH is a file or a glob; every file is read (CSV with pyarrow's reader, Parquet with
-`readers.iter_file_rows`) and the rows of all of them pooled. A `split` column (train, val or
+PATH is a file or a glob; every file is read (`table_files`: CSV with pyarrow's reader, Parquet
+with `readers.iter_file_rows`) and the rows of all of them pooled. A `split` column (train, val or
 test) places each row; without one, a row goes to the split of a hash of its values (by column
 name, numbers compared as numbers, so a CSV and a Parquet file of the same table split alike).
 
@@ -10,10 +10,9 @@ A column's kind is read off the train split: numeric when most of its values rea
 booleans are categorical. Missing values (empty, null, NaN, "NA") are allowed in features. A
 row is bad, skipped and counted with its "file:row", when its target is missing or (numeric
 target) not a number, when a numeric column holds something else ("abc", inf), when its
-`split` is not a split, or when a CSV line has the wrong number of cells or invalid UTF-8.
-CSV rows are numbered as pyarrow does, the header being row 1: the line number unless there
-are blank lines or line breaks inside quoted cells. Rows whose split cannot be told are
-counted with train.
+`split` is not a split, or when a CSV line has the wrong number of cells or invalid UTF-8
+(`table_files` says how CSV rows are numbered). Rows whose split cannot be told are counted
+with train.
 
 `read_features` reads one file's rows for `jtrain.predict` with the same parsing, the kind of
 each column given by the run's preprocessing rather than read off a train split.
@@ -21,18 +20,16 @@ each column given by the run's preprocessing rather than read off a train split.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import decimal
 import glob
-import itertools
 import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from jtrain.data import readers
+from jtrain.data import table_files
 from jtrain.data.records import SPLITS, Skipped
 from jtrain.data.supervised import RawSplit, SourceError, bad_rows, hashed_split
 
@@ -48,14 +45,6 @@ TABLE_SUFFIXES = {
 }
 _MISSING = frozenset({"", "nan", "na", "n/a", "null"})  # text read as a missing value
 _NOT_A_NUMBER = ("not_a_number", "numeric column {name!r} is {value!r}")
-
-
-@dataclasses.dataclass
-class _Table:
-    """Every file's rows, pooled, as columns of cells as read (None where a file lacks one)."""
-
-    columns: dict[str, list]  # name -> cells (str for CSV, Python values for Parquet)
-    where: list[str]  # "file:row" of each row
 
 
 @dataclasses.dataclass
@@ -107,30 +96,7 @@ def check(kind: str, location: str, *, target: str, features: tuple[str, ...]) -
             f"data.target is empty; set it to the label or value column of "
             f"data.source='{kind}:{location}'."
         )
-    _feature_columns(paths[0], _header(kind, paths[0]), target, features)
-
-
-def _header(kind: str, path: str) -> list[str]:
-    """The column names of one file, read without reading its rows."""
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return list(pq.read_schema(path).names)
-        except Exception as err:  # pyarrow raises several kinds for a file that is not Parquet
-            raise ValueError(f"{path}: cannot read it as parquet ({err}).") from err
-    try:
-        with readers.open_binary(path) as f:
-            line = f.readline().decode("utf-8-sig")  # the header, which may not span lines
-        names = next(csv.reader([line]), None)
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"{path}: cannot read its header row as csv ({err}).") from err
-    if not names:
-        raise ValueError(f"{path}: empty; a csv file needs a header row of column names.")
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise ValueError(f"{path}: the header names {twice} more than once; rename them.")
-    return names
+    _feature_columns(paths[0], table_files.header(kind, paths[0]), target, features)
 
 
 def _feature_columns(
@@ -158,7 +124,7 @@ def load(
     check(kind, location, target=target, features=features)
     skipped = {split: Skipped() for split in SPLITS}
     paths = _paths(kind, location)
-    table = _read(kind, paths, skipped["train"])
+    table = table_files.read(kind, paths, skipped["train"])
     features = _feature_columns(paths[0], list(table.columns), target, features)
     cells = {name: _Cells.parse(column) for name, column in table.columns.items()}
     splits = _assign_splits(table, cells, skipped["train"])
@@ -212,7 +178,7 @@ def read_features(
     if kind is None:
         suffixes = ", ".join(TABLE_SUFFIXES)
         raise ValueError(f"{path}: not a table file; its name should end in {suffixes}.")
-    header = _header(kind, path)
+    header = table_files.header(kind, path)
     missing = [name for name in (*numeric, *categorical) if name not in header]
     if missing:
         raise ValueError(
@@ -220,7 +186,7 @@ def read_features(
             f"its columns: {header}."
         )
     skipped = Skipped()
-    table = _read(kind, [path], skipped)
+    table = table_files.read(kind, [path], skipped)
     cells = {name: _Cells.parse(table.columns[name]) for name in (*numeric, *categorical)}
     reasons: dict[int, tuple[str, str]] = {}
     _not_numbers(cells, [(name, *_NOT_A_NUMBER) for name in numeric], reasons)
@@ -233,98 +199,12 @@ def read_features(
     return columns, numbers, bad_rows(skipped)
 
 
-# Reading: each file's columns, pooled.
-
-
-def _read(kind: str, paths: list[str], skipped: Skipped) -> _Table:
-    parts = []
-    names: dict[str, None] = {}  # in order of first appearance
-    for path in paths:
-        header = _header(kind, path)
-        names.update(dict.fromkeys(header))
-        if kind == "csv":
-            parts.append(_csv_columns(path, header, skipped))
-        else:
-            parts.append(_parquet_columns(path, header))
-    columns = {
-        name: [cell for part in parts for cell in part.columns.get(name, [None] * len(part.where))]
-        for name in names
-    }
-    return _Table(columns, [where for part in parts for where in part.where])
-
-
-def _parquet_columns(path: str, names: list[str]) -> _Table:
-    columns: dict[str, list] = {name: [] for name in names}
-    where = []
-    for row in readers.iter_file_rows(path, fmt="parquet"):
-        where.append(row.source)
-        for name in names:
-            columns[name].append(row.value.get(name))
-    return _Table(columns, where)
-
-
-def _csv_columns(path: str, names: list[str], skipped: Skipped) -> _Table:
-    """One CSV file as text cells; ragged rows and invalid UTF-8 go to `skipped`."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    ragged = []
-
-    def keep_ragged(row) -> str:
-        ragged.append(row)
-        return "skip"
-
-    try:
-        with readers.open_binary(path) as f:
-            table = pacsv.read_csv(
-                f,
-                read_options=pacsv.ReadOptions(use_threads=False),  # rows numbered in order
-                parse_options=pacsv.ParseOptions(
-                    newlines_in_values=True, invalid_row_handler=keep_ragged
-                ),
-                # Binary, not text: a cell of invalid UTF-8 spoils its row, not the file.
-                convert_options=pacsv.ConvertOptions(
-                    column_types=dict.fromkeys(names, pa.binary())
-                ),
-            )
-    except (pa.ArrowException, OSError) as err:
-        raise ValueError(f"{path}: cannot read it as csv ({err}); fix or remove it.") from err
-    for row in ragged:
-        why = f"{row.actual_columns} cells, the header has {row.expected_columns}"
-        skipped.add(f"{path}:{row.number}", "ragged", why)
-    where = [f"{path}:{n}" for n in _row_numbers(table.num_rows, {r.number for r in ragged})]
-    invalid: dict[int, str] = {}
-    columns = {name: _decoded(table.column(name).to_pylist(), invalid) for name in names}
-    for i in sorted(invalid):
-        skipped.add(where[i], "invalid_utf8", f"invalid UTF-8 ({invalid[i]})")
-    if invalid:
-        keep = [i for i in range(len(where)) if i not in invalid]
-        columns = {name: [column[i] for i in keep] for name, column in columns.items()}
-        where = [where[i] for i in keep]
-    return _Table(columns, where)
-
-
-def _decoded(cells: list[bytes], invalid: dict[int, str]) -> list[str | None]:
-    """The cells as text; a cell of invalid UTF-8 is None, its row's reason in `invalid`."""
-    out = []
-    for i, cell in enumerate(cells):
-        try:
-            out.append(cell.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            invalid.setdefault(i, err.reason)
-            out.append(None)
-    return out
-
-
-def _row_numbers(count: int, taken: set) -> list[int]:
-    """pyarrow's numbers of the `count` good rows (the header is 1; `taken`: ragged rows)."""
-    return list(itertools.islice((n for n in itertools.count(2) if n not in taken), count))
-
-
 # Splits, column kinds and bad rows.
 
 
-def _assign_splits(table: _Table, cells: dict[str, _Cells], skipped: Skipped) -> np.ndarray:
+def _assign_splits(
+    table: table_files.Table, cells: dict[str, _Cells], skipped: Skipped
+) -> np.ndarray:
     """Each row's split: its `split` cell, or a hash of its values; "" for a bad split."""
     if SPLIT_COLUMN in table.columns:
         out = []
