@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.crop_padding = 1  # one-pixel shifts: a digit moved a pixel is the same digit
     c.augment.mixup_alpha = 0.2
     c.classify.label_smoothing = 0.05
-    c.train.epochs = 40
+    c.train.epochs = 35
     c.train.batch_size = 64
     c.train.early_stopping.metric = "accuracy"
     c.train.early_stopping.mode = "max"

@@ -97,11 +97,12 @@ class TransformerConfig:
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). Causal for the
+    decoder; `causal=False` lets every position see every other (the ViT's patches)."""
 
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: TransformerConfig, *, causal: bool = True, rngs: nnx.Rngs):
         self.attn_norm = layers.norm(cfg, rngs=rngs)
-        self.attn = layers.Attention(cfg, rngs=rngs)
+        self.attn = layers.Attention(cfg, causal=causal, rngs=rngs)
         self.mlp_norm = layers.norm(cfg, rngs=rngs)
         self.mlp = layers.MLP(cfg, rngs=rngs)
         self.dropout_rate = cfg.dropout

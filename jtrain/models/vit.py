@@ -30,7 +30,7 @@ from jtrain import models
 from jtrain.models import layers
 from jtrain.models.inputs import InputSpec
 from jtrain.models.mlp import DTYPES, HEAD_STDDEV, SupervisedConfig, scores_only, validate_common
-from jtrain.models.transformer import TransformerConfig
+from jtrain.models.transformer import Block, TransformerConfig
 from jtrain.validation import ConfigError, one_of, require
 
 POOLINGS = ("cls", "mean")
@@ -83,25 +83,6 @@ def patch_grid(cfg: ViTConfig, image_shape: tuple[int, int, int]) -> tuple[int, 
     return h // p, w // p
 
 
-class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); attention sees all."""
-
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = layers.norm(cfg, rngs=rngs)
-        self.attn = layers.Attention(cfg, causal=False, rngs=rngs)
-        self.mlp_norm = layers.norm(cfg, rngs=rngs)
-        self.mlp = layers.MLP(cfg, rngs=rngs)
-        self.dropout_rate = cfg.dropout
-
-    def __call__(self, x_BxLxD: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
-        """The block's output [B, L, D]; dropout only when a dropout_rng is given."""
-        rng_attn, rng_mlp = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-        h, _ = self.attn(self.attn_norm(x_BxLxD), None, None, rng_attn)
-        x_BxLxD = x_BxLxD + layers.dropout(h, self.dropout_rate, rng_attn)
-        h = self.mlp(self.mlp_norm(x_BxLxD), rng_mlp)
-        return x_BxLxD + layers.dropout(h, self.dropout_rate, rng_mlp)
-
-
 class ViT(nnx.Module):
     """The model: {"image": [B, H, W, C]} -> float32 scores [B, outputs]."""
 
@@ -128,7 +109,7 @@ class ViT(nnx.Module):
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(block_cfg, rngs=rngs)
+            return Block(block_cfg, causal=False, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = layers.norm(block_cfg, rngs=rngs)
@@ -159,7 +140,8 @@ class ViT(nnx.Module):
 
         def run_block(x, layer):
             state, rng = layer
-            return nnx.merge(block_def, state)(x, rng), None
+            x, _ = nnx.merge(block_def, state)(x, None, None, rng)
+            return x, None
 
         x_BxLxD, _ = jax.lax.scan(run_block, self.embed(inputs["image"]), (block_state, layer_rngs))
         x_BxLxD = self.final_norm(x_BxLxD)
