@@ -30,10 +30,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
 from absl import app, flags
 
-from jtrain.data import cleaning, dedup, readers, sources, tokenizers
+from jtrain.data import cleaning, dedup, prepared_output, readers, sources, tokenizers
 
 BAD_KINDS = ("malformed", "invalid_utf8", "missing_field", "non_string", "empty")
 COUNT_KINDS = ("read", *BAD_KINDS, "duplicates", "near_duplicates", "kept")
@@ -70,67 +69,6 @@ def parse_splits(values: Sequence[float | str]) -> tuple[float, float, float]:
         )
     total = sum(fractions)
     return tuple(f / total for f in fractions)  # exactly 1 for split_of's check
-
-
-def _check_output(output: str, overwrite: bool) -> None:
-    if os.path.isdir(output) and not os.listdir(output):
-        return
-    if os.path.lexists(output) and not overwrite:
-        raise FileExistsError(
-            f"Output {output!r} already exists and is not empty; pass --overwrite to replace "
-            "it, or choose another --output."
-        )
-
-
-def _publish(tmp: str, output: str, overwrite: bool) -> None:
-    """Moves the finished `tmp` to `output`, replacing an old `output` only after success."""
-    _check_output(output, overwrite)
-    if not os.path.lexists(output):
-        os.rename(tmp, output)
-        return
-    old = f"{output}.old-{os.getpid()}"
-    os.rename(output, old)
-    os.rename(tmp, output)
-    if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old)
-    else:
-        os.remove(old)
-
-
-class _SplitWriter:
-    """Appends token records to one split's shards, `shard_docs` documents a shard."""
-
-    def __init__(self, directory: str, shard_docs: int):
-        self.directory, self.shard_docs = directory, shard_docs
-        self.documents = self.tokens = 0
-        self._paths: list[str] = []
-        self._writer = None
-
-    def write(self, ids: np.ndarray) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        if self.documents % self.shard_docs == 0:
-            self._close_shard()
-            path = os.path.join(self.directory, f"shard-{len(self._paths):05d}.partial")
-            self._paths.append(path)
-            self._writer = ArrayRecordWriter(path, "group_size:1")
-        self._writer.write(np.asarray(ids, "<i4").tobytes())
-        self.documents += 1
-        self.tokens += len(ids)
-
-    def _close_shard(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def close(self) -> int:
-        """Closes the last shard, names every shard i-of-n and returns n."""
-        self._close_shard()
-        n = len(self._paths)
-        for i, path in enumerate(self._paths):
-            final = os.path.join(self.directory, f"shard-{i:05d}-of-{n:05d}.array_record")
-            os.rename(path, final)
-        return n
 
 
 class _Progress:
@@ -172,7 +110,8 @@ class _Preparer:
         self.seen: dict[bytes, int] = {}
         self.lsh = dedup.MinHashLSH(threshold=threshold) if near_dedup else None
         self.writers = [
-            _SplitWriter(os.path.join(root, split), shard_docs) for split in sources.SPLITS
+            prepared_output.SplitWriter(os.path.join(root, split), shard_docs)
+            for split in sources.SPLITS
         ]
         self._queue: list[tuple[str, str, bytes]] = []  # (source, cleaned text, digest)
 
@@ -262,6 +201,16 @@ class _Preparer:
         return splits
 
 
+def _check_options(text_mode, fmt, shard_docs, near_dedup_threshold, text_field) -> None:
+    readers.check_options(text_mode, fmt)
+    if isinstance(shard_docs, bool) or not isinstance(shard_docs, int) or shard_docs < 1:
+        raise ValueError(f"--shard_docs must be an integer >= 1, got {shard_docs!r}.")
+    if not 0 < near_dedup_threshold <= 1:
+        raise ValueError(f"--near_dedup_threshold must be in (0, 1], got {near_dedup_threshold}.")
+    if not text_field:
+        raise ValueError("--text_field must name the field that holds the text.")
+
+
 def prepare(
     inputs: Sequence[str] | str,
     output: str,
@@ -284,16 +233,10 @@ def prepare(
     """
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     fractions = parse_splits(splits)
-    readers.check_options(text_mode, fmt)
-    if isinstance(shard_docs, bool) or not isinstance(shard_docs, int) or shard_docs < 1:
-        raise ValueError(f"--shard_docs must be an integer >= 1, got {shard_docs!r}.")
-    if not 0 < near_dedup_threshold <= 1:
-        raise ValueError(f"--near_dedup_threshold must be in (0, 1], got {near_dedup_threshold}.")
-    if not text_field:
-        raise ValueError("--text_field must name the field that holds the text.")
+    _check_options(text_mode, fmt, shard_docs, near_dedup_threshold, text_field)
     output = os.path.normpath(output)
     files = readers.expand_inputs(inputs)
-    _check_output(output, overwrite)
+    prepared_output.check_output(output, overwrite)
     tok = tokenizers.get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
 
     config = {
@@ -319,7 +262,7 @@ def prepare(
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
-        _publish(tmp, output, overwrite)
+        prepared_output.publish(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
