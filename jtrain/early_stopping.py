@@ -74,6 +74,11 @@ class EarlyStopping(Hook):
                     self.history[event["step"]] = event[self.settings.metric]
         record = read_record(loop.workdir)
         if record and record.get("stopped") and record.get("stopped_at") == step:
+            print(
+                f"jtrain: this run stopped early at step {step} ({record['reason']}); "
+                "nothing left to train",
+                flush=True,
+            )
             loop.stop(record["reason"])
 
     def due(self, step, *, last, preempted) -> bool:
