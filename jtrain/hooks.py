@@ -237,25 +237,36 @@ class Checkpoint(Hook):
 
 
 class TrainLog(Hook):
-    """Logs the task's train metrics, throughput and MFU every `every` steps and the last."""
+    """Logs the task's train metrics, throughput and MFU every `every` steps and the last
+    (train.steps, or the step an early stop ended the run at)."""
 
     def __init__(self, every: int, last: int):
         self.every, self.last = every, last
+        self._unlogged = None  # (step, device metrics) of the latest step not logged
 
     def on_step(self, loop, step, step_metrics) -> None:
         if not (_every(step, self.every) or step == self.last):
+            self._unlogged = (step, step_metrics)  # a reference: no device sync
             return
+        self._unlogged = None
+        self._write(loop, step, step_metrics, throughput=loop.throughput.report(step))
+
+    def _write(self, loop, step: int, step_metrics, *, throughput: dict) -> None:
         host = jax.device_get(step_metrics)
         values = loop.exp.task.report(host["totals"])
         values.update({k: float(v) for k, v in host.items() if k != "totals"})
-        values.update(loop.throughput.report(step))
+        values.update(throughput)
         loop.writer.write(step, "train", values)
         loop.results["train"] = values
 
     def on_end(self, loop, state, *, preempted) -> None:
-        if not preempted:
-            wall_time = time.perf_counter() - loop.started
-            loop.writer.write(loop.end_step, "train", {"wall_time": wall_time})
+        if preempted:
+            return
+        if self._unlogged is not None and self._unlogged[0] == loop.end_step:
+            # Stopped early between logs; evaluation ran since, so no throughput figure.
+            self._write(loop, *self._unlogged, throughput={})
+        wall_time = time.perf_counter() - loop.started
+        loop.writer.write(loop.end_step, "train", {"wall_time": wall_time})
 
 
 class Display(Hook):

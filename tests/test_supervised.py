@@ -30,7 +30,7 @@ TINY_CNN = {"kind": "cnn", "channels": 8, "stages": 2, "blocks": 1, "dropout": 0
 def _config(recipe: str, **overrides):
     """A recipe with `section__name=value` overrides (model keys are replaced or added)."""
     config = config_lib.load(os.path.join(REPO, "configs", recipe))
-    config.train.log_every = 1
+    config.train.log_every = 4  # steps between logs: an early stop falls between them
     for key, value in overrides.items():
         *sections, name = key.split("__")
         node = config
@@ -79,6 +79,7 @@ def test_early_stopping_restores_the_best_and_tests_it_once(iris_run):
     assert record["stopped"] and record["stopped_at"] == 3 * per_epoch
     history = {int(k): v for k, v in record["history"].items()}
     assert record["best_step"] == min(history, key=lambda s: (history[s], s))
+    assert 3 * per_epoch in {e["step"] for e in _events(workdir, "train") if "loss" in e}
     [test] = _events(workdir, "test")
     assert test["step"] == record["best_step"] and results["test"]["loss"] == test["loss"]
     for name in ("val_confusion_matrix", "test_confusion_matrix"):
@@ -148,6 +149,7 @@ def _cnn_config(**overrides):
         "eval__every_steps": 0,
         "eval__steps": 1,
         "checkpoint__every_steps": 0,
+        "train__log_every": 1,
         **{f"model__{k}": v for k, v in TINY_CNN.items()},
     }
     return _config("digits_cnn.py", **{**settings, **overrides})
