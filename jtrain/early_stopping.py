@@ -16,7 +16,7 @@ import os
 
 import jax
 
-from jtrain import checkpoint, metrics
+from jtrain import atomic, checkpoint, metrics
 from jtrain.hooks import Evaluate, Hook
 from jtrain.state import TrainState
 from jtrain.validation import ConfigError, one_of, require
@@ -148,11 +148,7 @@ class EarlyStopping(Hook):
             "best_value": self.history.get(best) if best is not None else None,
             "history": {str(step): value for step, value in sorted(self.history.items())},
         }
-        path = os.path.join(loop.workdir, RECORD)
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(path + ".tmp", path)
+        atomic.write_json(os.path.join(loop.workdir, RECORD), record, indent=2)
 
 
 def read_record(workdir: str) -> dict | None:

@@ -18,7 +18,6 @@ import csv
 import dataclasses
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from jtrain import checkpoint, cli, runs, tasks
+from jtrain import atomic, checkpoint, cli, runs, tasks
 from jtrain.data import image_folder, tables
 from jtrain.data.features import IMAGE, Preprocessor
 from jtrain.tasks.supervised import SupervisedTask
@@ -191,16 +190,14 @@ def write_predictions(
         raise ValueError(f"{inputs.source} has nothing to predict ({bad['count']} skipped)")
     values = predictor(inputs.arrays)
     columns = predictor.head.columns(predictor.preprocessor, values)
-    fd, temporary = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(os.path.abspath(output)))
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+
+    def write_csv(temporary: str) -> None:
+        with open(temporary, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow([inputs.id_name, *columns])
             writer.writerows(zip(inputs.ids, *columns.values(), strict=True))
-        os.replace(temporary, output)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+
+    atomic.write(output, write_csv)
     return Summary(len(inputs.ids), int(bad["count"]))
 
 

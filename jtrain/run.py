@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -15,7 +14,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from jtrain import checkpoint, early_stopping, hooks, metrics, pretrained
+from jtrain import atomic, checkpoint, early_stopping, hooks, metrics, pretrained
 from jtrain import config as config_lib
 from jtrain.data import pipeline
 from jtrain.experiment import Experiment
@@ -109,11 +108,7 @@ def _hooks(exp: Experiment, ckpts: checkpoint.Checkpoints) -> list[hooks.Hook]:
 
 def _save_artifacts(task: Task, workdir: str) -> None:
     for name, content in task.artifacts().items():
-        path = os.path.join(workdir, name)
-        with open(path + ".tmp", "w") as f:
-            json.dump(content, f, indent=1)
-            f.write("\n")
-        os.replace(path + ".tmp", path)
+        atomic.write_json(os.path.join(workdir, name), content)
 
 
 def train_and_evaluate(

@@ -17,13 +17,13 @@ numpy float64, matching `sklearn.metrics` to 1e-6 without importing it. Conventi
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from jtrain import atomic
 
 
 def _class_indices(values: np.ndarray, num_classes: int, what: str) -> np.ndarray:
@@ -157,18 +157,6 @@ def regression(predictions_N: np.ndarray, targets_N: np.ndarray) -> dict[str, fl
     return {"mse": mse, "rmse": math.sqrt(mse), "mae": float(np.mean(np.abs(errors))), "r2": r2}
 
 
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Calls write(temporary path) next to `path`, then renames it into place."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"  # Not mkstemp: keep the umask's permissions.
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def _text_size(font: ImageFont.ImageFont, text: str) -> tuple[int, int]:
     """Width and height in pixels of `text` drawn in `font`."""
     left, top, right, bottom = font.getbbox(text)
@@ -238,13 +226,8 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path_s
             f"got shape {matrix.shape}."
         )
     payload = {"classes": [str(name) for name in class_names], "matrix": matrix.tolist()}
-
-    def write_json(temporary: str) -> None:
-        with open(temporary, "w") as f:
-            json.dump(payload, f)
-
-    _write_atomically(path_stem + ".json", write_json)
+    atomic.write_json(path_stem + ".json", payload, indent=None)
     image = _render_heatmap(
         matrix, [n if len(n) <= 14 else n[:12] + ".." for n in payload["classes"]]
     )
-    _write_atomically(path_stem + ".png", lambda temporary: image.save(temporary, format="PNG"))
+    atomic.write(path_stem + ".png", lambda temporary: image.save(temporary, format="PNG"))
