@@ -22,15 +22,14 @@ import numpy as np
 from jtrain import supervised_metrics, tasks
 from jtrain.tasks import mixing
 from jtrain.tasks.base import Batch, LossOutput
-from jtrain.tasks.supervised import Mixing, SupervisedTask, model_inputs, real_rows
+from jtrain.tasks.supervised import Mixing, SupervisedTask, model_inputs, real_rows, section
 from jtrain.validation import ConfigError, require
 
 _DEFAULTS = {"label_smoothing": 0.0, "class_weights": "", "top_k": 5}
 
 
 def settings(config) -> dict:
-    block = config.get("classify") or {}
-    return {key: block.get(key, default) for key, default in _DEFAULTS.items()}
+    return section(config, "classify", _DEFAULTS)
 
 
 @tasks.register("classify")

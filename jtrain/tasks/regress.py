@@ -17,7 +17,7 @@ import numpy as np
 
 from jtrain import supervised_metrics, tasks
 from jtrain.tasks.base import Batch, LossOutput
-from jtrain.tasks.supervised import SupervisedTask, model_inputs, real_rows
+from jtrain.tasks.supervised import SupervisedTask, model_inputs, real_rows, section
 from jtrain.validation import one_of, require
 
 _DEFAULTS = {"loss": "mse", "huber_delta": 1.0}
@@ -32,8 +32,7 @@ LOSSES = {"mse": lambda error, delta: error**2, "huber": _huber}
 
 
 def settings(config) -> dict:
-    block = config.get("regress") or {}
-    return {key: block.get(key, default) for key, default in _DEFAULTS.items()}
+    return section(config, "regress", _DEFAULTS)
 
 
 @tasks.register("regress")

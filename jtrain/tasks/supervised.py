@@ -51,10 +51,15 @@ def data_keys(config) -> dict:
     }
 
 
+def section(config, name: str, defaults: dict) -> dict:
+    """`config.<name>.*` with `defaults` for the keys (or the whole block) a config lacks."""
+    block = config.get(name) or {}
+    return {key: block.get(key, default) for key, default in defaults.items()}
+
+
 def augment_settings(config) -> dict:
     """`config.augment.*` with defaults (all off)."""
-    block = config.get("augment") or {}
-    return {key: block.get(key, default) for key, default in _AUGMENT_DEFAULTS.items()}
+    return section(config, "augment", _AUGMENT_DEFAULTS)
 
 
 class SupervisedTask(Task):
