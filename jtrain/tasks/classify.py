@@ -15,6 +15,8 @@ Keys (`config.classify.*`; a config without the block takes these defaults):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,11 +54,13 @@ class ClassifyTask(SupervisedTask):
         return len(self.preprocessor.classes)
 
     def make_model(self, rngs):
-        self.class_weights()  # a bad classify.class_weights fails here, before any compile
+        _ = self.class_weights  # a bad classify.class_weights fails here, before any compile
         return super().make_model(rngs)
 
+    @functools.cached_property
     def class_weights(self) -> np.ndarray:
-        """One weight per class (ones unless `classify.class_weights` says otherwise)."""
+        """One weight per class (ones unless `classify.class_weights` says otherwise); worked
+        out once: "balanced" counts the whole train split."""
         spec, classes = settings(self.config)["class_weights"], self.preprocessor.classes
         if not spec:
             return np.ones(len(classes), np.float32)
@@ -90,7 +94,7 @@ class ClassifyTask(SupervisedTask):
         logits = model(inputs, dropout_rng=model_rng)
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         nll = -jnp.sum(targets * log_probs, axis=-1)
-        example_weight = weight * jnp.asarray(self.class_weights())[labels]
+        example_weight = weight * jnp.asarray(self.class_weights)[labels]
         correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
         return LossOutput(
             loss_sum=jnp.sum(example_weight * nll),
