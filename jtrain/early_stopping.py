@@ -66,9 +66,7 @@ class EarlyStopping(Hook):
 
     def on_start(self, loop, state, step) -> None:
         # A resumed run counts the evaluations it made before: they are in metrics.jsonl.
-        path = os.path.join(loop.workdir, "metrics.jsonl")
-        events = metrics.read_metrics(path) if os.path.exists(path) else []
-        for event in events:
+        for event in metrics.read_metrics(loop.workdir, missing_ok=True):
             if event["split"] == self.val.split and event["step"] <= step:
                 if self.settings.metric in event:
                     self.history[event["step"]] = event[self.settings.metric]

@@ -128,8 +128,7 @@ def recorded_event(workdir: str, split: str) -> dict | None:
     process: process 0 reads it and tells the others whether there is one."""
     event = None
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "metrics.jsonl")
-        events = metrics.read_metrics(path) if os.path.exists(path) else []
+        events = metrics.read_metrics(workdir, missing_ok=True)
         event = next((e for e in reversed(events) if e.get("split") == split), None)
     if jax.process_count() > 1:
         found = multihost_utils.broadcast_one_to_all(np.int32(event is not None))

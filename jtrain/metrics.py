@@ -229,10 +229,13 @@ class MetricWriter:
         self.close()
 
 
-def read_metrics(path: str) -> list[dict]:
-    """Parses a metrics.jsonl (or the one in a workdir) into one dict per logged event."""
+def read_metrics(path: str, *, missing_ok: bool = False) -> list[dict]:
+    """Parses a metrics.jsonl (or the one in a workdir) into one dict per logged event; with
+    `missing_ok`, a workdir that has logged nothing yet gives no events."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
+    if missing_ok and not os.path.exists(path):
+        return []
     events = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
