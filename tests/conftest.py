@@ -45,12 +45,11 @@ def start_main(workdir, *flags, devices=2) -> subprocess.Popen:
     )
 
 
-def tiny_config(**overrides):
-    """configs/tiny.py without the end-of-run sample; `section__name=value` overrides."""
+def load_config(recipe: str, **overrides):
+    """configs/<recipe> with `section__name=value` overrides (a key may be new: model keys)."""
     from jtrain import config as config_lib
 
-    config = config_lib.load(os.path.join(REPO, "configs/tiny.py"))
-    config.eval.sample_tokens = 0
+    config = config_lib.load(os.path.join(REPO, "configs", recipe))
     for key, value in overrides.items():
         *sections, name = key.split("__")
         node = config
@@ -58,6 +57,11 @@ def tiny_config(**overrides):
             node = node[section]
         node[name] = value
     return config
+
+
+def tiny_config(**overrides):
+    """configs/tiny.py without the end-of-run sample; `section__name=value` overrides."""
+    return load_config("tiny.py", **{"eval__sample_tokens": 0, **overrides})
 
 
 def train_losses(workdir) -> dict[int, float]:

@@ -5,14 +5,12 @@ augmentation, and clear errors for bad settings."""
 
 import itertools
 import json
-import os
 import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from jtrain import config as config_lib
 from jtrain import run, runs
 from jtrain.data import pipeline
 from jtrain.data.augment import ImageAugment
@@ -21,24 +19,15 @@ from jtrain.metrics import read_metrics
 from jtrain.tasks import mixing
 from jtrain.tasks.supervised import model_inputs
 from jtrain.validation import ConfigError
-from tests.conftest import REPO, train_losses
+from tests.conftest import load_config, train_losses
 
 TINY_MLP = {"width": 16, "depth": 1, "dropout": 0.0, "embed_dim": 4}
 TINY_CNN = {"kind": "cnn", "channels": 8, "stages": 2, "blocks": 1, "dropout": 0.0}
 
 
 def _config(recipe: str, **overrides):
-    """A recipe with `section__name=value` overrides (model keys are replaced or added)."""
-    config = config_lib.load(os.path.join(REPO, "configs", recipe))
-    config.train.log_every = 4  # steps between logs: an early stop falls between them
-    for key, value in overrides.items():
-        *sections, name = key.split("__")
-        node = config
-        for section in sections:
-            node = node[section]
-        with node.unlocked():
-            node[name] = value
-    return config
+    """A recipe logging every 4 steps, with `section__name=value` overrides."""
+    return load_config(recipe, **{"train__log_every": 4, **overrides})
 
 
 def _events(workdir, split):
