@@ -22,9 +22,11 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jtrain import packed_state
+from jtrain.models.transformer import HEAD_PARAMS
 from jtrain.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,8 @@ class Checkpoints:
         }
         custom = {"data": data_state, "config": dict(config), "meta": meta, "layout": layout}
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(packed_state.nest(packed)))
-        best = {self.best_metric: metrics[self.best_metric]} if metrics else None
+        found = metrics is not None and self.best_metric in metrics
+        best = {self.best_metric: metrics[self.best_metric]} if found else None
         return self.manager.save(step, args=args, metrics=best, force=True, custom_metadata=custom)
 
     def wait(self) -> None:
@@ -302,6 +305,20 @@ def prepare_workdir(workdir: str, config: Mapping, *, overwrite: bool) -> None:
         )
 
 
+def _trunk_only(layout: dict, abstract_params) -> tuple[dict, object]:
+    """The saved layout and the model's parameters without the head that only one side has:
+    weights of a model with another head (an LM run into a reward model) load the trunk, and
+    the model's own head keeps its fresh initialisation."""
+    saved = {e["name"] for e in layout["leaves"]}
+    model = set(packed_state.shapes(abstract_params))
+    skip = {name for name in HEAD_PARAMS if (f"params/{name}" in saved) != (name in model)}
+    if not skip:
+        return layout, abstract_params
+    leaves = [e for e in layout["leaves"] if e["name"].removeprefix("params/") not in skip]
+    kept = nnx.filter_state(abstract_params, lambda keys, _: str(keys[0]) not in skip)
+    return {**layout, "leaves": leaves}, kept
+
+
 def load_params(path: str, abstract_params, *, step: int | None = None):
     """Parameters only (no optimizer or data state) from a jtrain workdir or checkpoint dir."""
     path = os.path.abspath(os.path.expanduser(path))  # Orbax takes absolute paths only
@@ -324,7 +341,9 @@ def load_params(path: str, abstract_params, *, step: int | None = None):
     except ValueError as err:
         raise CheckpointError(f"model.init_from={path!r}: {err}") from None
     if custom is not None:
-        problems = packed_state.layout_problems(custom["layout"], abstract_params, "params/")
+        layout, abstract_params = _trunk_only(custom["layout"], abstract_params)
+        custom = {**custom, "layout": layout}
+        problems = packed_state.layout_problems(layout, abstract_params, "params/")
     else:
         problems = shape_mismatches(manager.item_metadata(step)["state"]["params"], abstract_params)
     if problems:

@@ -4,9 +4,17 @@
 
 Reads the run's config.json and the parameters of its latest (or `--step`) checkpoint, and
 writes config.json + safetensors (+ the tokenizer files when `data.tokenizer` is a Hugging
-Face tokenizer) that `transformers.AutoModelForCausalLM.from_pretrained` loads. A LoRA run is
-exported merged: its adapters folded into the base weights. The weights are assembled in host
-memory, whatever devices and mesh the run used.
+Face tokenizer) that `transformers.AutoModelForCausalLM.from_pretrained` loads; a reward run
+(`task="reward"`) is written as the family's `...ForSequenceClassification` with one label,
+for `AutoModelForSequenceClassification`. A LoRA run is exported merged: its adapters folded
+into the base weights. The weights are assembled in host memory, whatever devices and mesh the
+run used.
+
+config.json gets the tokenizer's BOS, EOS and PAD ids. A reward model needs a PAD distinct from
+EOS: transformers reads a sequence's score at its last token that is not PAD, so with PAD ==
+EOS (a tokenizer without a PAD token) it reads every sequence ending in EOS one token early,
+where jtrain reads the EOS. The export warns then; give the tokenizer a PAD token and set
+config.json's pad_token_id to it (see `jtrain.interop.hf`).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import sys
 from absl import app, flags
 
 from jtrain import checkpoint, cli
+from jtrain.data import tokenizers
 from jtrain.interop import hf
 from jtrain.runs import run_config, trained_model
 
@@ -42,6 +51,16 @@ def _tokenizer_dir(config) -> str | None:
     return None
 
 
+def _tokenizer_ids(config) -> dict[str, int]:
+    """The run's BOS, EOS and PAD ids, for config.json (none when its tokenizer cannot be read)."""
+    try:
+        tokenizer = tokenizers.get_tokenizer(os.path.expanduser(str(config.data.tokenizer)))
+    except ValueError:
+        return {}
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    return {**ids, "pad_token_id": tokenizer.pad_id}
+
+
 def export_hf(
     workdir: str,
     out: str,
@@ -50,7 +69,8 @@ def export_hf(
     dtype: str = "float32",
     family: str | None = None,
 ) -> str:
-    """Writes the run's model to `out` as a Hugging Face directory; returns its family."""
+    """Writes the run's model (a causal LM, or a reward model's sequence classifier) to `out`
+    as a Hugging Face directory; returns its family."""
     config = run_config(workdir)
     model = trained_model(workdir, step=step)
     family = family or hf.infer_family(model.cfg)
@@ -63,6 +83,7 @@ def export_hf(
         dtype=dtype,
         max_position_embeddings=max_len,
         tokenizer_dir=tokenizer_dir,
+        **_tokenizer_ids(config),
     )
     if tokenizer_dir is None:
         print(

@@ -81,6 +81,22 @@ def evaluate(
     return results
 
 
+def evaluate_split(exp: Experiment, state: TrainState, split: str, *, save_as=None) -> dict:
+    """A split's metrics: the task's own evaluation if it has one (RL), else the loss over
+    every batch of the split (`evaluate`)."""
+    results = exp.task.evaluate(exp, state, split)
+    if results is not None:
+        return results
+    batches = pipeline.eval_batches(
+        exp.config,
+        split,
+        task=exp.task,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return evaluate(exp, state, batches, save_as=save_as)
+
+
 def _to_host(tree) -> dict[str, np.ndarray]:
     """Global per-example arrays as host numpy, gathered from every process if need be."""
     if jax.process_count() > 1:
@@ -96,15 +112,8 @@ class Evaluate(Hook):
         self.ran_at: int | None = None
 
     def evaluate(self, loop, step: int, state: TrainState) -> None:
-        batches = pipeline.eval_batches(
-            loop.config,
-            self.split,
-            task=loop.exp.task,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
         stem = os.path.join(loop.workdir, "eval", self.split)
-        loop.results[self.split] = evaluate(loop.exp, state, batches, save_as=stem)
+        loop.results[self.split] = evaluate_split(loop.exp, state, self.split, save_as=stem)
         loop.writer.write(step, self.split, loop.results[self.split])
         self.ran_at = step
 

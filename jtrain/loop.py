@@ -41,6 +41,15 @@ class BatchSource(Protocol):
         """Resumes at a checkpointed position."""
         ...
 
+    def metrics(self) -> dict[str, float]:
+        """Optional: host metrics about the batch `next` last gave (rollout rewards), logged
+        with the step's train metrics."""
+        ...
+
+
+def _source_metrics(batches: BatchSource) -> dict[str, float]:
+    return batches.metrics() if hasattr(batches, "metrics") else {}
+
 
 class PipelineBatches:
     """A Grain iterator of this process's rows, assembled into global batches."""
@@ -56,6 +65,9 @@ class PipelineBatches:
 
     def set_state(self, position: Any) -> None:
         self.iterator.set_state(position)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
 
 @dataclasses.dataclass
@@ -112,6 +124,7 @@ class Loop:
             if train_step is None:
                 train_step = self._compile(state, batch, step)
             state, step_metrics = train_step(state, batch)
+            step_metrics = {**step_metrics, **_source_metrics(self.batches)}
             if previous is not None:
                 self._finish(*previous)
             previous = (step, step_metrics)

@@ -18,7 +18,7 @@ from jtrain import atomic, checkpoint, early_stopping, hooks, metrics, pretraine
 from jtrain import config as config_lib
 from jtrain.data import pipeline
 from jtrain.experiment import Experiment
-from jtrain.loop import Loop, NonFiniteError, PipelineBatches
+from jtrain.loop import BatchSource, Loop, NonFiniteError, PipelineBatches
 from jtrain.state import TrainState
 from jtrain.tasks.base import Task
 
@@ -63,8 +63,18 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _pipeline_batches(exp: Experiment) -> PipelineBatches:
+    iterator = pipeline.make_train_iterator(
+        exp.config,
+        task=exp.task,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return PipelineBatches(iterator, exp)
+
+
 def _initial_state(
-    exp: Experiment, ckpts: checkpoint.Checkpoints, batches: PipelineBatches
+    exp: Experiment, ckpts: checkpoint.Checkpoints, batches: BatchSource
 ) -> tuple[TrainState, int]:
     """The latest good checkpoint (with the data position), else a fresh or init_from state.
 
@@ -132,15 +142,10 @@ def train_and_evaluate(
     if jax.process_index() == 0:
         _save_artifacts(exp.task, workdir)
     stopping = early_stopping.Settings.from_config(config)
-    best = {"best_metric": stopping.metric, "best_mode": stopping.mode} if stopping else {}
+    metric, mode = (stopping.metric, stopping.mode) if stopping else exp.task.selection_metric
+    best = {"best_metric": metric, "best_mode": mode}
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint, **best)
-    iterator = pipeline.make_train_iterator(
-        config,
-        task=exp.task,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    batches = PipelineBatches(iterator, exp)
+    batches = exp.task.batch_source(exp, workdir) or _pipeline_batches(exp)
     state, first_step = _initial_state(exp, ckpts, batches)
     t = config.train
     print(
@@ -175,15 +180,7 @@ def evaluate(
         return {k: v for k, v in done.items() if k not in ("step", "split")}
     exp = Experiment.from_config(config, task=task)
     state, at = _evaluated_state(exp, workdir, step)
-    batches = pipeline.eval_batches(
-        config,
-        split,
-        task=exp.task,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    stem = os.path.join(workdir, "eval", split)
-    results = hooks.evaluate(exp, state, batches, save_as=stem)
+    results = hooks.evaluate_split(exp, state, split, save_as=os.path.join(workdir, "eval", split))
     if config.eval.generate.examples:
         generate = hooks.GenerateEvaluate(split, 0, config.eval.generate)
         results.update(generate.scores(exp, state) or {})

@@ -175,7 +175,7 @@ def _config(**overrides):
     "overrides, message",
     [
         (dict(model_type="gemma"), "model_type 'gemma'"),
-        (dict(architectures=["LlamaForSequenceClassification"]), "LlamaForSequenceClassification"),
+        (dict(architectures=["LlamaForTokenClassification"]), "LlamaForTokenClassification"),
         (dict(hidden_act="gelu"), "hidden_act='gelu'"),
         (dict(rope_parameters=dict(rope_type="yarn", factor=4.0)), "rope type 'yarn'"),
         (dict(rope_parameters=dict(rope_type="dynamic", factor=2.0)), "rope type 'dynamic'"),

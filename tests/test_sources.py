@@ -259,4 +259,4 @@ def test_embedded_sets_keep_their_splits(name, sizes):
         texts = {"pydoc_topics": embedded.pydoc_topics, "python_stdlib": embedded.python_stdlib}
         assert [r["text"] for r in got[1]] == texts[name]()["val"]
     assert sources.source_names() == ("pydoc_topics", "python_stdlib")
-    assert sources.source_names("chat") == ("python_docstrings",)
+    assert sources.source_names("chat") == ("arithmetic", "python_docstrings")

@@ -25,7 +25,9 @@ import numpy as np
 from jtrain.data import readers
 
 SPLITS = ("train", "val", "test")
-HOLDS = ("text", "chat")  # what an embedded set's records are: {"text"} or chat examples
+# What an embedded set's records are: {"text"}, chat examples, preference pairs (prompt,
+# chosen, rejected), or prompts for RL (a prompt and fields for the rewards).
+HOLDS = ("text", "chat", "preference", "prompts")
 _QUOTED = 3  # bad records quoted in a warning
 
 RecordSet = Callable[[str], Sequence[dict]]

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 # docstrings and embedded register their record sets on import.
-from jtrain.data import docstrings, embedded, records  # noqa: F401
+from jtrain.data import arithmetic, docstrings, embedded, records  # noqa: F401
 from jtrain.data.documents import ArrayRecordDocuments, Documents, InMemoryDocuments
 from jtrain.data.records import SPLITS as SPLITS
 from jtrain.data.records import BadRecord, Records, Skipped, SplitKey, registered, registered_names

@@ -4,6 +4,9 @@
 `TransformerConfig`, raising a ValueError for any key or value that would change the model
 and that jtrain cannot express (nothing is silently ignored); `config_to_hf` is the inverse,
 checked by reading its result back. `infer_family` picks the family a config's options match.
+The trunk's keys are the same whatever sits on it; `head_of` says which head a config.json
+describes: a causal LM's (`logits`) or a sequence classifier's (`scores`, a reward model's
+with one label), the two heads of `jtrain.models.transformer`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
+# The architecture of each family by jtrain head: the LM head, or a score per label read at
+# each sequence's last non-PAD token (transformers' sequence classifiers, reward models).
+HEAD_ARCHITECTURES = {
+    "logits": ARCHITECTURES,
+    "scores": {
+        "llama": "LlamaForSequenceClassification",
+        "mistral": "MistralForSequenceClassification",
+        "qwen2": "Qwen2ForSequenceClassification",
+        "gpt2": "GPT2ForSequenceClassification",
+    },
+}
 # config.json keys that do not change the weights or the forward pass.
 _METADATA_KEYS = {
     "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype",
@@ -32,6 +46,8 @@ _METADATA_KEYS = {
     # classification head of GPT2DoubleHeadsModel, which a causal LM does not have.
     "n_ctx", "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
     "summary_first_dropout", "task_specific_params",
+    # A sequence classifier's labels (head_of reads their number) and its training loss.
+    "id2label", "label2id", "num_labels", "problem_type",
 }  # fmt: skip
 _GELUS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -185,15 +201,34 @@ def config_from_hf(hf: Mapping, *, dtype: str = "float32") -> tuple[str, Transfo
         raise ValueError(
             f"model_type {family!r} is not supported; supported: {list(ARCHITECTURES)}"
         )
-    archs = hf.get("architectures") or [ARCHITECTURES[family]]
-    if list(archs) != [ARCHITECTURES[family]]:
-        raise ValueError(f"architectures {archs} not supported; only [{ARCHITECTURES[family]!r}]")
+    head_of(hf)  # the architecture names a head jtrain has
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     keys = _Keys(hf)
     fields = _gpt2_config(keys) if family == "gpt2" else _llama_config(keys, family)
     keys.check_all_used()
     return family, TransformerConfig(**fields, dtype=dtype)
+
+
+def head_of(hf: Mapping) -> tuple[str, dict]:
+    """(head, its options) of a config.json dict: ("logits", {}) for a causal LM, ("scores",
+    {"outputs": number of labels}) for a sequence classifier; ValueError for other heads."""
+    family = hf.get("model_type")
+    if family not in ARCHITECTURES:
+        raise ValueError(
+            f"model_type {family!r} is not supported; supported: {list(ARCHITECTURES)}"
+        )
+    archs = list(hf.get("architectures") or [ARCHITECTURES[family]])
+    heads = [head for head, names in HEAD_ARCHITECTURES.items() if archs == [names[family]]]
+    if not heads:
+        allowed = [names[family] for names in HEAD_ARCHITECTURES.values()]
+        raise ValueError(f"architectures {archs} not supported; only one of {allowed}")
+    head = heads[0]
+    if head == "logits":
+        return head, {}
+    # transformers' default, as PretrainedConfig applies it, when the file names no labels.
+    labels = len(hf.get("id2label") or {}) or hf.get("num_labels") or 2
+    return head, {"outputs": int(labels)}
 
 
 def _rope_json(cfg: TransformerConfig) -> dict | None:
@@ -210,11 +245,27 @@ def _rope_json(cfg: TransformerConfig) -> dict | None:
     }
 
 
-def config_to_hf(cfg: TransformerConfig, family: str, *, max_len: int, dtype: str) -> dict:
-    """The config.json of cfg as a `family` model; ValueError if the family cannot express it."""
+def config_to_hf(
+    cfg: TransformerConfig,
+    family: str,
+    *,
+    max_len: int,
+    dtype: str,
+    head: str = "logits",
+    outputs: int = 1,
+) -> dict:
+    """The config.json of cfg as a `family` model with `head` (logits | scores, of `outputs`
+    labels); ValueError if the family cannot express it."""
     if family not in ARCHITECTURES:
         raise ValueError(f"family {family!r} is not supported; supported: {list(ARCHITECTURES)}")
-    hf = {"architectures": [ARCHITECTURES[family]], "model_type": family, "torch_dtype": dtype}
+    if head not in HEAD_ARCHITECTURES:
+        raise ValueError(f"head {head!r} is not supported; supported: {list(HEAD_ARCHITECTURES)}")
+    arch = HEAD_ARCHITECTURES[head][family]
+    hf = {"architectures": [arch], "model_type": family, "torch_dtype": dtype}
+    if head == "scores":
+        # As transformers writes them; their number is the head's width.
+        hf.update(id2label={str(i): f"LABEL_{i}" for i in range(outputs)})
+        hf.update(label2id={f"LABEL_{i}": i for i in range(outputs)})
     hf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
     if family == "gpt2":
         act = {v: k for k, v in _GELUS.items() if k != "gelu_pytorch_tanh"}.get(cfg.mlp_activation)

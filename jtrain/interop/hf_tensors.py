@@ -2,7 +2,9 @@
 
 One table per family (`sources`) says which stored tensor each jtrain parameter comes from
 and how its axes map onto the parameter's; loading (`read_block`, `check_tensors`) and saving
-(`stored_tensors`) both read it, so the two directions cannot disagree.
+(`stored_tensors`) both read it, so the two directions cannot disagree. The trunk's entries
+are the family's; the head's (`HEAD_PARAMS`) are the same for every family: a causal LM's
+untied `lm_head`, or a sequence classifier's `score`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import numpy as np
 
 from jtrain.interop.safetensors_io import Tensor
+from jtrain.models.transformer import HEAD_PARAMS as _HEAD_PARAMS
 from jtrain.models.transformer import TransformerConfig
 
 # Stored buffers that hold no parameters (older transformers versions saved them).
@@ -79,8 +82,6 @@ def _llama_sources(cfg: TransformerConfig) -> dict[str, Source]:
         table["blocks.mlp.gate_bias_F.bias"] = _flat(m + "gate_proj.bias", (f,))
         table["blocks.mlp.up_bias_F.bias"] = _flat(m + "up_proj.bias", (f,))
         table["blocks.mlp.down_bias_D.bias"] = _flat(m + "down_proj.bias", (d,))
-    if not cfg.tie_embeddings:
-        table["unembed_DxV"] = _linear("lm_head.weight", (v,), (d,))
     return table
 
 
@@ -111,14 +112,29 @@ def _gpt2_sources(cfg: TransformerConfig, prefix: str) -> dict[str, Source]:
             b + "attn.c_attn.weight", (d, 3 * d), (d, h, k), None, cols
         )
         table["blocks.attn." + bias + ".bias"] = _flat(b + "attn.c_attn.bias", (h, k), cols, 3 * d)
-    if not cfg.tie_embeddings:
-        table["unembed_DxV"] = _linear("lm_head.weight", (v,), (d,))
     return table
 
 
-def sources(family: str, cfg: TransformerConfig, prefix: str = "") -> dict[str, Source]:
-    """jtrain parameter name -> Source for a `family` model (prefix: GPT-2's "transformer.")."""
-    return _gpt2_sources(cfg, prefix) if family == "gpt2" else _llama_sources(cfg)
+def _head_sources(cfg: TransformerConfig, head: str, outputs: int) -> dict[str, Source]:
+    """The head's parameters: stored outside the trunk's prefix, the same in every family."""
+    if head == "scores":
+        return {"score_DxO": _linear("score.weight", (outputs,), (cfg.d_model,))}
+    if cfg.tie_embeddings:
+        return {}  # the LM head is the embedding
+    return {"unembed_DxV": _linear("lm_head.weight", (cfg.vocab_size,), (cfg.d_model,))}
+
+
+# Every parameter a head may have: the rest of a model is its trunk.
+HEAD_PARAMS = _HEAD_PARAMS
+
+
+def sources(
+    family: str, cfg: TransformerConfig, prefix: str = "", head: str = "logits", outputs: int = 1
+) -> dict[str, Source]:
+    """jtrain parameter name -> Source for a `family` model with `head` (logits | scores, of
+    `outputs` labels); prefix: GPT-2's "transformer."."""
+    trunk = _gpt2_sources(cfg, prefix) if family == "gpt2" else _llama_sources(cfg)
+    return {**trunk, **_head_sources(cfg, head, outputs)}
 
 
 def read_block(

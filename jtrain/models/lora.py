@@ -213,6 +213,13 @@ def attach(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> nnx.Module:
     return model
 
 
+def adapters_off(model: nnx.Module) -> nnx.Module:
+    """The model with every adapter zeroed: its frozen base, without a second copy of the
+    weights (a preference reference inside a traced loss). Without adapters, the model."""
+    graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
+    return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, adapters), rest)
+
+
 def merge(model: nnx.Module) -> nnx.Module:
     """A copy of model with every adapter folded into its kernel (W + alpha/r A B, float32)
     and int8 kernels dequantized: a plain model with the adapted model's outputs."""

@@ -82,16 +82,19 @@ class TransformerConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
-    def flops_per_token(self, seq_len: int, *, weight_grads: bool = True) -> float:
+    def flops_per_token(
+        self, seq_len: int, *, weight_grads: bool = True, head_outputs: int | None = None
+    ) -> float:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B.
 
         Each weight costs 2 FLOPs forward, 2 for the input gradient and 2 for its own gradient;
         a frozen base (LoRA) skips the last, so weight_grads=False counts 4 (adapters, a few
-        per cent at most, are left out)."""
+        per cent at most, are left out). `head_outputs`: a scores head's width (a reward
+        model's 1) instead of the vocabulary's."""
         d, h, g, k, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
         mlp_matrices = 3 if self.mlp_gated else 2
         matmul_params = self.n_layers * (2 * d * h * k + 2 * d * g * k + mlp_matrices * d * f)
-        matmul_params += d * self.vocab_size  # the output projection, tied or not
+        matmul_params += d * (self.vocab_size if head_outputs is None else head_outputs)
         attention = 12 * self.n_layers * h * k * seq_len
         return (6.0 if weight_grads else 4.0) * matmul_params + attention
 
@@ -240,6 +243,9 @@ class Scorer(Decoder):
 
 
 HEADS = {"logits": Transformer, "scores": Scorer}
+# The parameters of the heads, not of the trunk: weights loaded from a model with another
+# head (an LM into a reward model) skip them, and the model's own head starts fresh.
+HEAD_PARAMS = ("unembed_DxV", "score_DxO")
 
 
 @models.register("transformer")

@@ -23,6 +23,12 @@ from jtrain.data import sources
 Batch = dict[str, jax.Array]
 
 
+def section(config, name: str, defaults: dict) -> dict:
+    """`config.<name>.*` with `defaults` for the keys (or the whole block) a config lacks."""
+    block = config.get(name) or {}
+    return {key: block.get(key, default) for key, default in defaults.items()}
+
+
 @struct.dataclass
 class LossOutput:
     """Additive sums over a batch, so micro-batches and eval batches combine exactly.
@@ -83,6 +89,9 @@ class Task:
     # What the model must read: "tokens" (the transformer family) or "arrays" (the feature
     # dicts of tables and images); `model.kind` must name a family that reads it.
     model_reads: ClassVar[str] = "tokens"
+    # The validation metric that picks the best checkpoint (checkpoint.keep_best), and
+    # whether lower ("min") or higher ("max") is better; early stopping may name another.
+    selection_metric: ClassVar[tuple[str, str]] = ("loss", "min")
 
     def __init__(self, config):
         self.config = config
@@ -161,6 +170,16 @@ class Task:
     def tokens_per_example(self) -> int:
         """Tokens an example feeds the model (0 for tasks without tokens), for tokens/s."""
         return 0
+
+    def batch_source(self, exp, workdir: str):
+        """Where training batches come from when not from the input pipeline (RL: rollouts
+        sampled from the current weights), a `jtrain.loop.BatchSource`; None = the pipeline."""
+        return None
+
+    def evaluate(self, exp, state, split: str) -> dict[str, float] | None:
+        """A split's metrics when they are not the loss over its batches (RL: the rewards of
+        the model's completions of its prompts); None = the default loss evaluation."""
+        return None
 
     def generation_set(self, split: str, limit: int) -> GenerationSet | None:
         """Up to `limit` prompts of a split with reference answers, for generation metrics

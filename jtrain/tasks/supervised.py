@@ -22,7 +22,7 @@ from jtrain.data import sources, supervised
 from jtrain.data.array_rows import ArrayExamples
 from jtrain.data.augment import ImageAugment
 from jtrain.data.features import Preprocessor
-from jtrain.tasks.base import Task
+from jtrain.tasks.base import Task, section
 from jtrain.validation import ConfigError, require
 
 INPUT_KEYS = ("numeric", "categorical", "image")
@@ -49,12 +49,6 @@ def data_keys(config) -> dict:
         "features": tuple(f.strip() for f in features.split(",") if f.strip()),
         "image_size": int(config.model.get("image_size", 32)),
     }
-
-
-def section(config, name: str, defaults: dict) -> dict:
-    """`config.<name>.*` with `defaults` for the keys (or the whole block) a config lacks."""
-    block = config.get(name) or {}
-    return {key: block.get(key, default) for key, default in defaults.items()}
 
 
 def augment_settings(config) -> dict:
