@@ -11,7 +11,8 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the default configuration."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds parameter init, dropout and data order
-    # The objective: lm (next-token prediction) | sft (the LM loss on chat responses), or
+    # The objective: lm (next-token prediction) | sft (the LM loss on chat responses) | dpo |
+    # reward | grpo (preferences and RL) | classify | regress (tables and images), or
     # module.path:ClassName for a Task of your own; see jtrain/tasks/.
     c.task = "lm"
 

@@ -226,6 +226,11 @@ def load(spec: str, *, step: int | None = None, quantize: str = "none") -> Gener
         config = runs.run_config(spec)
         tokenizer_spec, template = str(config.data.tokenizer), str(config.data.chat_template)
         model = runs.trained_model(spec, step=step)
+    if not hasattr(model, "logits"):
+        raise ValueError(
+            f"--model={spec}: is a model with a {type(model).__name__} head (a reward model or a "
+            "classifier), which scores text but cannot generate; give a language model"
+        )
     if quantize not in QUANTIZE:
         raise ValueError(f"--quantize={quantize!r} is invalid: allowed: {', '.join(QUANTIZE)}")
     if quantize == "int8":

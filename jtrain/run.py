@@ -14,7 +14,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from jtrain import atomic, checkpoint, early_stopping, hooks, metrics, pretrained
+from jtrain import atomic, checkpoint, early_stopping, hooks, metrics, pretrained, runs
 from jtrain import config as config_lib
 from jtrain.data import pipeline
 from jtrain.experiment import Experiment
@@ -116,9 +116,15 @@ def _hooks(exp: Experiment, ckpts: checkpoint.Checkpoints) -> list[hooks.Hook]:
     ]
 
 
-def _save_artifacts(task: Task, workdir: str) -> None:
-    for name, content in task.artifacts().items():
-        atomic.write_json(os.path.join(workdir, name), content)
+def _save_artifacts(exp: Experiment, workdir: str) -> None:
+    """Makes the task's files (every process: a task may compute them on the devices), or
+    keeps those the workdir has where the task finds them still right; process 0 writes."""
+    previous = runs.saved_artifacts(workdir, exp.task)
+    files = exp.task.artifacts(exp, previous)
+    if jax.process_index() == 0:
+        for name, content in files.items():
+            if content != previous.get(name):
+                atomic.write_json(os.path.join(workdir, name), content)
 
 
 def train_and_evaluate(
@@ -139,8 +145,7 @@ def train_and_evaluate(
         config_lib.save_json(config, workdir)
 
     exp = Experiment.from_config(config, task=task)
-    if jax.process_index() == 0:
-        _save_artifacts(exp.task, workdir)
+    _save_artifacts(exp, workdir)  # before the state: a task may load a model to make them
     stopping = early_stopping.Settings.from_config(config)
     metric, mode = (stopping.metric, stopping.mode) if stopping else exp.task.selection_metric
     best = {"best_metric": metric, "best_mode": mode}
@@ -179,6 +184,7 @@ def evaluate(
         print(hooks.already_evaluated(split, done), flush=True)
         return {k: v for k, v in done.items() if k not in ("step", "split")}
     exp = Experiment.from_config(config, task=task)
+    exp.task.artifacts(exp, runs.saved_artifacts(workdir, exp.task))  # used, never saved here
     state, at = _evaluated_state(exp, workdir, step)
     results = hooks.evaluate_split(exp, state, split, save_as=os.path.join(workdir, "eval", split))
     if config.eval.generate.examples:

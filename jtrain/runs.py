@@ -37,22 +37,23 @@ def _host_devices() -> list[jax.Device]:
         return jax.local_devices()[:1]
 
 
+def saved_artifacts(workdir: str, task: tasks.Task) -> dict[str, dict]:
+    """The files of `task.artifacts_names()` that workdir holds, by name (`Task.artifacts`)."""
+    files = {}
+    for name in task.artifacts_names():
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                files[name] = json.load(f)
+    return files
+
+
 def run_task(workdir: str, config: ml_collections.ConfigDict | None = None) -> tasks.Task:
     """The run's task with the files it saved (`Task.artifacts`, e.g. a table's
     preprocessing) taken back, so it needs none of the training data."""
     config = run_config(workdir) if config is None else config
     task = tasks.get(config)
-    files = {}
-    for name in task.artifacts_names():
-        path = os.path.join(workdir, name)
-        if not os.path.isfile(path):
-            raise checkpoint.CheckpointError(
-                f"{path} is missing: the run saved it when training started; without it the "
-                "run's preprocessing cannot be applied to new data."
-            )
-        with open(path) as f:
-            files[name] = json.load(f)
-    task.load_artifacts(files)
+    task.load_artifacts(saved_artifacts(workdir, task))
     return task
 
 

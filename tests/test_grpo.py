@@ -158,11 +158,16 @@ def prompts_file(tmp_path_factory):
     return str(path)
 
 
-def _grpo_config(prompts, init_from, **overrides):
+def varied(prompts, completions, **fields):
+    """A reward that differs within groups even for an untrained model's completions."""
+    return [float(sum(map(ord, c)) % 3) for c in completions]
+
+
+def _grpo_config(prompts, **overrides):
+    """GRPO of a fresh LoRA model: its KL reference is its own base, adapters off."""
     config = tiny_config(
         task="grpo",
         data__source=f"files:{prompts}",
-        model__init_from=init_from,
         train__steps=4,
         train__batch_size=8,
         train__log_every=1,
@@ -174,24 +179,18 @@ def _grpo_config(prompts, init_from, **overrides):
     config.grpo = {
         "num_generations": 4,
         "max_completion_length": 6,
-        "rewards": "exact_match, length_penalty(target=2)=0.1",
+        "rewards": "exact_match, tests.test_grpo:varied=0.5",
         "iterations": 2,
         "beta": 0.04,
     }
+    config.model.lora.rank = 4
     config_lib.validate(config)
     return config
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    from tests.conftest import tiny_trained_run
-
-    return tiny_trained_run(tmp_path_factory)
-
-
-def test_grpo_run_logs_trl_metrics_and_resumes_exactly(tmp_path, prompts_file, base_run):
+def test_grpo_run_logs_trl_metrics_and_resumes_exactly(tmp_path, prompts_file):
     workdir = str(tmp_path / "full")
-    results = train_and_evaluate(_grpo_config(prompts_file, base_run), workdir)
+    results = train_and_evaluate(_grpo_config(prompts_file), workdir)
     events = [
         e for e in read_metrics(os.path.join(workdir, "metrics.jsonl")) if e["split"] == "train"
     ]
@@ -209,24 +208,23 @@ def test_grpo_run_logs_trl_metrics_and_resumes_exactly(tmp_path, prompts_file, b
         if step.isdigit() and int(step) > 2:
             shutil.rmtree(os.path.join(resumed, "checkpoints", step))
     os.remove(os.path.join(resumed, "metrics.jsonl"))
-    train_and_evaluate(_grpo_config(prompts_file, base_run), resumed)
+    train_and_evaluate(_grpo_config(prompts_file), resumed)
     again = {e["step"]: e["loss"] for e in read_metrics(os.path.join(resumed, "metrics.jsonl"))
              if e["split"] == "train" and "loss" in e}  # fmt: skip
     full = {e["step"]: e["loss"] for e in events if "loss" in e}
     assert again == {s: full[s] for s in (3, 4)}
 
 
-def test_grpo_loss_is_the_same_for_any_split(tmp_path, prompts_file, base_run):
+def test_grpo_loss_is_the_same_for_any_split(tmp_path, prompts_file):
     """Micro-batches and devices: the same loss on the same rollout batch, to 1e-6."""
-    from jtrain import pretrained
     from jtrain.experiment import Experiment
 
     batch, losses = None, []
     for devices, micro in ((1, 1), (4, 2)):  # one device, whole; four devices, two parts
-        config = _grpo_config(prompts_file, base_run, train__microbatches=micro)
+        config = _grpo_config(prompts_file, train__microbatches=micro)
         config.mesh.data = devices
         exp = Experiment.from_config(config, jax.devices()[:devices])
-        state = exp.init_state(base=pretrained.load(base_run, exp.abstract_base))
+        state = exp.init_state()
         if batch is None:  # one rollout batch, sampled once, for every split
             source = exp.task.batch_source(exp, str(tmp_path))
             source.next(state)

@@ -75,7 +75,11 @@ def test_bad_value_fails_before_compiling_and_says_what_is_allowed(tmp_path):
         ("train.microbatches", 3, "must divide train.batch_size=16"),
         ("schedule.warmup_steps", -1, "must be >= 0"),
         ("model.kind", "lstm", "allowed: transformer"),
-        ("task", "dpo", "allowed: classify, lm, regress, sft, or module.path:ClassName"),
+        (
+            "task",
+            "ppo",
+            "allowed: classify, dpo, grpo, lm, regress, reward, sft, or module.path:ClassName",
+        ),
         ("task", "no_such_module:MyTask", "cannot import 'no_such_module'"),
         ("eval.split", "train", "allowed: val, test"),
         ("model.dtype", "float16", "allowed: float32, bfloat16"),

@@ -164,6 +164,19 @@ def parse_spec(spec, names: Sequence[str] | None = None) -> tuple[SourceSpec, ..
     return tuple(_parse_item(spec, item, names) for item in items)
 
 
+def parse_record_spec(spec, names: Sequence[str], records: str) -> tuple[SourceSpec, ...]:
+    """Parses `data.source` for a task that reads records, not token documents (`prepared:`
+    is refused); `records` says what they hold, for the message."""
+    specs = parse_spec(spec, names=names)
+    for item in specs:
+        if item.kind == "prepared":
+            raise ValueError(
+                f"data.source={spec!r}: {item} holds token documents, not {records}; name JSON "
+                "Lines or Parquet records (files:GLOB)."
+            )
+    return specs
+
+
 def check(spec: SourceSpec, source: str | None = None) -> None:
     """Checks cheaply (no records read) that `spec` can load; `source` is all of data.source."""
     source = str(spec) if source is None else source
@@ -175,7 +188,8 @@ def check(spec: SourceSpec, source: str | None = None) -> None:
         _python_function(source, spec.target)
     elif spec.kind == "prepared":
         read_manifest(source, spec.target)
-    elif spec.target not in source_names("text") + source_names("chat"):
+    elif spec.target not in {n for holds in records.HOLDS for n in source_names(holds)}:
+        # Which kinds of records a task reads, its own parser says (parse_spec's names).
         raise _bad_spec(source, f"{spec.target!r} is not a known source")
 
 

@@ -111,9 +111,15 @@ class Task:
         (`jtrain.data.rows`); read the records with `sources.load_records`."""
         raise NotImplementedError(f"task {type(self).__name__} defines no examples()")
 
-    def artifacts(self) -> dict[str, dict]:
-        """JSON files a run saves in its workdir for later use (a table's preprocessing), by
-        file name; written once when training starts."""
+    def artifacts(self, exp, previous: dict[str, dict]) -> dict[str, dict]:
+        """JSON files a run keeps in its workdir (a table's preprocessing, a preference
+        reference's log-probs), by file name, made when training or evaluation starts; the
+        task uses them from then on.
+
+        Every process calls it, so a task may compute on the devices of `exp` (the run's
+        Experiment). `previous` holds those of `artifacts_names()` that the workdir has
+        already (a resumed run): return one unchanged to keep it rather than recompute it.
+        """
         return {}
 
     def artifacts_names(self) -> tuple[str, ...]:
@@ -121,7 +127,8 @@ class Task:
         return ()
 
     def load_artifacts(self, files: dict[str, dict]) -> None:
-        """Takes back a finished run's `artifacts()` (prediction on new data)."""
+        """Takes back a finished run's `artifacts()` (prediction on new data): `files` holds
+        those the workdir has; raise `CheckpointError` if one the task needs is missing."""
 
     # Model and loss.
 

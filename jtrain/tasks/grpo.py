@@ -111,6 +111,8 @@ class GRPOTask(SFTTask):
         require(s["beta"] >= 0, "grpo.beta", s["beta"], "must be >= 0")
         rounds = s["dynamic_sampling_rounds"]
         require(rounds >= 1, "grpo.dynamic_sampling_rounds", rounds, "must be >= 1")
+        epochs = config.train.get("epochs", 0)
+        require(not epochs, "train.epochs", epochs, "must be 0 with task=grpo: set train.steps")
         rewards.parse(s["rewards"])  # ConfigError naming a bad entry
         lora_run = lora.LoRAConfig.from_config(config.model).rank > 0
         if s["beta"] and not (s["reference"] or config.model.init_from or lora_run):

@@ -45,14 +45,7 @@ def source_names() -> tuple[str, ...]:
 
 def parse_spec(spec) -> tuple[sources.SourceSpec, ...]:
     """Parses `data.source` for task=grpo; a ValueError says what it may be."""
-    specs = sources.parse_spec(spec, names=source_names())
-    for item in specs:
-        if item.kind == "prepared":
-            raise ValueError(
-                f"data.source={spec!r}: {item} holds token documents, not prompts; name JSON "
-                'Lines or Parquet records with a "prompt" field (files:GLOB).'
-            )
-    return specs
+    return sources.parse_record_spec(spec, source_names(), 'prompts (records with a "prompt")')
 
 
 def _record_prompt(record) -> str | list:

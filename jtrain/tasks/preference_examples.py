@@ -67,14 +67,9 @@ def source_names() -> tuple[str, ...]:
 
 def parse_spec(spec) -> tuple[sources.SourceSpec, ...]:
     """Parses `data.source` for a preference task; a ValueError says what it may be."""
-    specs = sources.parse_spec(spec, names=source_names())
-    for item in specs:
-        if item.kind == "prepared":
-            raise ValueError(
-                f"data.source={spec!r}: {item} holds token documents, not preference pairs; "
-                "name JSON Lines or Parquet records with prompt/chosen/rejected (files:GLOB)."
-            )
-    return specs
+    return sources.parse_record_spec(
+        spec, source_names(), "preference pairs (prompt/chosen/rejected)"
+    )
 
 
 def _messages(value, field: str) -> list[chat.Message]:
@@ -279,6 +274,17 @@ def load_pairs(
     """One split of one source as arrays: `tokens` and `completion` [N, 2, length] (row 0 the
     chosen sequence, row 1 the rejected), `lengths` [N, 2] (real tokens), `margin` [N]."""
     return _encoded(item.kind, item.target, tokenizer, template, length)[split]
+
+
+def content_hash(pairs: ArrayExamples) -> str:
+    """sha256 of a split's token ids and completion masks (what a model's log-probs of its
+    pairs depend on), shapes included."""
+    digest = hashlib.sha256()
+    for name in ("tokens", "completion"):
+        array = np.ascontiguousarray(pairs.features[name])
+        digest.update(f"{name} {array.dtype} {array.shape};".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
 
 
 def _text(part) -> str:

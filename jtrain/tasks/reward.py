@@ -24,7 +24,8 @@ from jtrain import models, sampler, tasks
 from jtrain.models.transformer import TransformerConfig
 from jtrain.tasks import preference_examples, rewards
 from jtrain.tasks.base import Batch, LossOutput, Task, section
-from jtrain.tasks.dpo import DPOTask, _pairs
+from jtrain.tasks.dpo import DPOTask
+from jtrain.tasks.pair_logps import pair_rows
 from jtrain.validation import require
 
 _DEFAULTS = {"center_coefficient": 0.0}
@@ -72,7 +73,7 @@ class RewardTask(DPOTask):
         return {}
 
     def loss(self, model, batch: Batch, *, dropout_rng=None, frozen=None) -> LossOutput:
-        tokens, lengths = _pairs(batch, "tokens"), _pairs(batch, "lengths")
+        tokens, lengths = pair_rows(batch, "tokens"), pair_rows(batch, "lengths")
         rewards = sequence_rewards(model, tokens, lengths, dropout_rng=dropout_rng)
         chosen, rejected = rewards[0::2], rewards[1::2]
         margin = chosen - rejected

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jtrain import models
+from jtrain.checkpoint import CheckpointError
 from jtrain.data import sources, supervised
 from jtrain.data.array_rows import ArrayExamples
 from jtrain.data.augment import ImageAugment
@@ -115,15 +116,20 @@ class SupervisedTask(Task):
             )
         return host
 
-    def artifacts(self) -> dict[str, dict]:
-        return {PREPROCESSING: self.preprocessor.to_json()}
+    def artifacts(self, exp, previous: dict[str, dict]) -> dict[str, dict]:
+        return {PREPROCESSING: self.preprocessor.to_json()}  # refitted: cheap and deterministic
 
     def artifacts_names(self) -> tuple[str, ...]:
         return (PREPROCESSING,)
 
     def load_artifacts(self, files: dict[str, dict]) -> None:
-        if PREPROCESSING in files:
-            self._preprocessor = Preprocessor.from_json(files[PREPROCESSING])
+        if PREPROCESSING not in files:
+            raise CheckpointError(
+                f"the run's {PREPROCESSING} is missing: the run saved it in its workdir when "
+                "training started; without it the run's preprocessing cannot be applied to new "
+                "data."
+            )
+        self._preprocessor = Preprocessor.from_json(files[PREPROCESSING])
 
     # Model.
 
