@@ -41,8 +41,7 @@ from jtrain.models.transformer import TransformerConfig
 from jtrain.sampler import Completion, Sampler
 from jtrain.tasks import grpo_losses, grpo_prompts, rewards, rollouts
 from jtrain.tasks.base import Batch, FrozenModel, LossOutput, section
-from jtrain.tasks.lm import token_cross_entropy
-from jtrain.tasks.sft import SFTTask
+from jtrain.tasks.lm import LMTask, token_cross_entropy
 from jtrain.validation import ConfigError, one_of, require
 
 REFERENCE = "reference"
@@ -80,7 +79,7 @@ def token_logps(model, batch: Batch, temperature: float, *, dropout_rng=None):
 
 
 @tasks.register("grpo")
-class GRPOTask(SFTTask):
+class GRPOTask(LMTask):
     """Batch keys: inputs, targets, completion, old_logps [B, L]; advantages, loss_weight [B]."""
 
     name = "grpo"
@@ -120,7 +119,7 @@ class GRPOTask(SFTTask):
                 "grpo.beta > 0 needs a KL reference: set --config.model.init_from (the starting "
                 "weights are the reference) or --config.grpo.reference."
             )
-        super(SFTTask, cls).validate(config)  # the LM's: the pipeline checks data.source
+        super().validate(config)  # the LM's vocabulary check; the pipeline checks data.source
 
     def __init__(self, config):
         super().__init__(config)
