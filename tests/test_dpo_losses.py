@@ -17,14 +17,7 @@ from jtrain.tasks.dpo_losses import LOSSES, REFERENCE_FREE, PairLogps, pair_loss
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 GOLDEN = os.path.join(GOLDEN_DIR, "trl_dpo.json")
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
+METRICS = dpo_losses.METRICS
 TOL = 1e-5
 
 

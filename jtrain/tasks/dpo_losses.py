@@ -27,6 +27,15 @@ import jax.numpy as jnp
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
+# The per-pair metrics every loss reports, with TRL's names.
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 @jax.tree_util.register_dataclass
