@@ -27,18 +27,17 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import importlib
 import json
 import logging
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 # docstrings and embedded register their record sets on import.
+from jtrain import user_code
 from jtrain.data import arithmetic, docstrings, embedded, records  # noqa: F401
 from jtrain.data.documents import ArrayRecordDocuments, Documents, InMemoryDocuments
 from jtrain.data.records import SPLITS as SPLITS
@@ -287,17 +286,14 @@ def _load(kind: str, target: str, key: _Key, text_key: str) -> dict[str, Records
 
 def _python_function(source: str, target: str) -> Callable:
     """The function `module.path:function` names; a ValueError says what to fix."""
-    module_name, _, function_name = target.rpartition(":")
-    if os.getcwd() not in sys.path:  # as for configs/: the user's code beside their command
-        sys.path.insert(0, os.getcwd())
+    module_name = target.rpartition(":")[0]
     try:
-        module = importlib.import_module(module_name)
+        module_name, function_name, function = user_code.attribute(target)
     except Exception as err:  # any failure to import is the user's to fix; say which
         raise ValueError(
             f"data.source={source!r}: cannot import {module_name!r} ({type(err).__name__}: "
             f"{err}); make it importable from {os.getcwd()} or PYTHONPATH."
         ) from err
-    function = getattr(module, function_name, None)
     if not callable(function):
         raise ValueError(
             f"data.source={source!r}: module {module_name!r} has no function "

@@ -9,10 +9,7 @@ is a new module that subclasses `jtrain.tasks.base.Task` and decorates it with
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
+from jtrain import user_code
 from jtrain.tasks.base import FrozenModel, LossOutput, Task
 from jtrain.validation import ConfigError
 
@@ -56,17 +53,14 @@ def get(config) -> Task:
 
 
 def _user_task(spec: str) -> type[Task]:
-    module_name, _, class_name = spec.partition(":")
-    if os.getcwd() not in sys.path:  # as for configs/: the user's code beside their command
-        sys.path.insert(0, os.getcwd())
+    module_name = spec.partition(":")[0]
     try:
-        module = importlib.import_module(module_name)
+        module_name, class_name, cls = user_code.attribute(spec)
     except ImportError as err:
         raise ConfigError(
             f"config.task={spec!r} is invalid: cannot import {module_name!r} ({err}); "
             "run from the directory that holds it or put it on PYTHONPATH."
         ) from None
-    cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ConfigError(
             f"config.task={spec!r} is invalid: {module_name} has no Task subclass named "

@@ -39,17 +39,15 @@ and each reward's values (NaN where None); `metrics` gives `rewards/<name>/mean`
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import math
 import numbers
-import os
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from jtrain import user_code
 from jtrain.validation import ConfigError
 
 RewardFn = Callable[..., Sequence[float | None]]
@@ -267,18 +265,15 @@ def _argument(text: str, entry: str, spec) -> str:
 
 def _user_function(target: str, entry: str, spec) -> RewardFn:
     """The reward function `module.path:function` names, imported like config.task's."""
-    module_name, _, function_name = target.partition(":")
-    if os.getcwd() not in sys.path:  # as for configs/: the user's code beside their command
-        sys.path.insert(0, os.getcwd())
+    module_name = target.rpartition(":")[0]
     try:
-        module = importlib.import_module(module_name)
+        module_name, function_name, function = user_code.attribute(target)
     except Exception as err:  # any failure to import is the user's to fix; say which
         raise _bad(
             spec,
             f"in {entry!r}, cannot import {module_name!r} ({type(err).__name__}: {err}); run "
             "from the directory that holds it or put it on PYTHONPATH",
         ) from err
-    function = getattr(module, function_name, None)
     if not callable(function):
         raise _bad(spec, f"in {entry!r}, {module_name} has no function {function_name!r}")
     return function
