@@ -12,10 +12,8 @@ metadata ride in the step's metadata file, which Orbax writes before the commit 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,45 +29,9 @@ from jtrain.state import TrainState
 
 log = logging.getLogger(__name__)
 
-# Keys whose change makes an existing checkpoint belong to a different run. Mesh, eval,
-# logging and train.steps may change on resume (resharding, extending a run).
-IDENTITY_KEYS = ("seed", "task", "model", "data", "optimizer.name", "train.batch_size")
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked; the message says what to do."""
-
-
-def _get(tree: Mapping, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(tree, Mapping) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
-def _flatten(tree, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    out = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def config_differences(saved: Mapping, current: Mapping) -> list[str]:
-    """`key: saved -> current` for every identity key whose value changed."""
-    diffs = []
-    for key in IDENTITY_KEYS:
-        old, new = _flatten(_get(saved, key) or {}, key), _flatten(_get(current, key) or {}, key)
-        # A key the saved config lacks was added to jtrain after that run was written: the
-        # run behaved as its default does, so only keys both configs hold are compared.
-        for name in sorted(old.keys() & new.keys() if old else new.keys()):
-            if name == "model.init_from":  # where the weights came from, not what they are
-                continue
-            if old.get(name) != new.get(name):
-                diffs.append(f"{name}: {old.get(name)!r} -> {new.get(name)!r}")
-    return diffs
 
 
 def shape_mismatches(saved_tree, expected_tree) -> list[str]:
@@ -271,38 +233,6 @@ class Checkpoints:
                 + "\nUse a workdir of its own for a different model, or "
                 "--config.checkpoint.overwrite=True to replace these checkpoints."
             )
-
-
-def prepare_workdir(workdir: str, config: Mapping, *, overwrite: bool) -> None:
-    """Refuses to reuse a workdir whose checkpoints belong to a different config."""
-    directory = os.path.join(workdir, "checkpoints")
-    saved_path = os.path.join(workdir, "config.json")
-    if not os.path.isdir(directory) or not os.listdir(directory):
-        return
-    if overwrite:
-        if jax.process_index() == 0:  # one deleter; the others wait at the caller's barrier
-            print(f"checkpoint.overwrite=True: deleting the previous run's {directory}")
-            shutil.rmtree(directory)
-        return
-    try:
-        with open(saved_path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        saved = None
-    if saved is None:
-        raise CheckpointError(
-            f"{directory} holds checkpoints but {saved_path} is missing or unreadable, so "
-            "jtrain cannot tell whose they are. Use another --workdir, or "
-            "--config.checkpoint.overwrite=True to replace them."
-        )
-    diffs = config_differences(saved, config)
-    if diffs:
-        raise CheckpointError(
-            f"{workdir} holds checkpoints of a different run; these settings differ:\n  "
-            + "\n  ".join(diffs)
-            + "\nResume with the original settings, use another --workdir, or pass "
-            "--config.checkpoint.overwrite=True to delete those checkpoints."
-        )
 
 
 def _trunk_only(layout: dict, abstract_params) -> tuple[dict, object]:

@@ -6,16 +6,24 @@
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from jtrain import atomic, checkpoint, early_stopping, hooks, metrics, pretrained, runs
+from jtrain import (
+    atomic,
+    checkpoint,
+    early_stopping,
+    hooks,
+    metrics,
+    pretrained,
+    runs,
+    workdir_guard,
+)
 from jtrain import config as config_lib
+from jtrain import preemption as preemption_lib
 from jtrain.data import pipeline
 from jtrain.experiment import Experiment
 from jtrain.loop import BatchSource, Loop, NonFiniteError, PipelineBatches
@@ -24,37 +32,6 @@ from jtrain.tasks.base import Task
 
 MODES = ("train", "eval")
 __all__ = ["MODES", "NonFiniteError", "evaluate", "train_and_evaluate"]
-
-
-class _Preemption:
-    """Notices SIGTERM (what schedulers send before killing) so the loop can save and exit."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        # With several processes, JAX's own notifier (set up by jax.distributed.initialize)
-        # must receive SIGTERM: a Python handler would replace it, and the processes would
-        # never agree on a step to stop at.
-        single = jax.process_count() == 1
-        if single and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        print("SIGTERM received: finishing this step, saving a checkpoint, then exiting")
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def reached(self, step: int) -> bool:
-        """True on every host at the same step once any host was asked to stop."""
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
 
 
 def _barrier(name: str) -> None:
@@ -139,7 +116,7 @@ def train_and_evaluate(
     started = time.perf_counter()
     _prepare(config)
     os.makedirs(workdir, exist_ok=True)
-    checkpoint.prepare_workdir(workdir, config.to_dict(), overwrite=config.checkpoint.overwrite)
+    workdir_guard.prepare(workdir, config.to_dict(), overwrite=config.checkpoint.overwrite)
     _barrier("workdir checked")  # every process read the old config.json before it changes
     if jax.process_index() == 0:
         config_lib.save_json(config, workdir)
@@ -160,7 +137,7 @@ def train_and_evaluate(
         f"steps {first_step + 1}..{t.steps} of {t.batch_size} examples",
         flush=True,
     )
-    with metrics.MetricWriter(workdir) as writer, _Preemption() as preemption:
+    with metrics.MetricWriter(workdir) as writer, preemption_lib.Preemption() as preemption:
         loop = Loop(config, exp, batches, _hooks(exp, ckpts), writer, ckpts, started)
         loop.run(state, first_step, preemption)
     ckpts.close()

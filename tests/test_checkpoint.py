@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jtrain import checkpoint, run
+from jtrain import checkpoint, run, workdir_guard
 from jtrain import config as config_lib
 from jtrain.experiment import Experiment
 from jtrain.metrics import read_metrics
@@ -255,9 +255,9 @@ def test_keys_added_to_jtrain_after_a_run_do_not_refuse_its_workdir():
     saved = {"seed": 0, "model": {"d_ff": 128}, "optimizer": {"name": "adamw"}}
     current = {"seed": 0, "model": {"d_ff": 128, "lora": {"rank": 0}, "norm": "rms"}}
     current["optimizer"] = {"name": "adamw"}
-    assert checkpoint.config_differences(saved, current) == []
+    assert workdir_guard.config_differences(saved, current) == []
     current["model"]["d_ff"] = 256
-    assert checkpoint.config_differences(saved, current) == ["model.d_ff: 128 -> 256"]
+    assert workdir_guard.config_differences(saved, current) == ["model.d_ff: 128 -> 256"]
 
 
 def _tiny_state():
