@@ -24,13 +24,14 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jtrain import packed_state
+from jtrain.errors import UserError
 from jtrain.models.transformer import HEAD_PARAMS
 from jtrain.state import TrainState
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used as asked; the message says what to do."""
 
 

@@ -13,8 +13,10 @@ import os
 
 import jax
 
+from jtrain.errors import UserError
 
-class SetupError(ValueError):
+
+class SetupError(UserError, ValueError):
     """Multi-process flags that cannot work together; the message says which."""
 
 

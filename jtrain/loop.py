@@ -17,12 +17,13 @@ import jax
 import ml_collections
 
 from jtrain import checkpoint, metrics
+from jtrain.errors import UserError
 from jtrain.experiment import Experiment
 from jtrain.hooks import Hook
 from jtrain.state import TrainState
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Training met a non-finite loss or gradient under train.on_nonfinite='halt'."""
 
 

@@ -1,13 +1,9 @@
 """Command-line entry point: python -m jtrain.main --config=configs/NAME.py --workdir=DIR."""
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from jtrain import cli, distributed, run
-from jtrain.checkpoint import CheckpointError
-from jtrain.config import ConfigError
+from jtrain import cli, distributed, errors, run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/NAME.py[:ARG]).", lock_config=True
@@ -30,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     cli.start(argv)
-    try:
+    with errors.reported():
         # Before anything touches a device.
         distributed.initialize(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
@@ -39,9 +35,6 @@ def main(argv: list[str]) -> None:
             run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
         else:
             run.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
-    except (ConfigError, CheckpointError, run.NonFiniteError, distributed.SetupError) as err:
-        # Problems the user can fix: the message says how; a traceback would bury it.
-        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import logging
 import numpy as np
 
 from jtrain.data.records import SPLITS, Skipped, split_of
+from jtrain.errors import DataError
 
 _log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _KINDS = {
 }
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """A data.source location that names nothing readable; the message says what is wrong."""
 
 
