@@ -46,6 +46,9 @@ class Experiment:
     train_step: Callable
     eval_step: Callable
     _init_fn: Callable
+    # The checkpoint step each part's spec is read at (jtrain.frozen_sources pins the steps a
+    # run was first built from); a part not named here reads its spec's newest.
+    source_steps: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(
@@ -127,11 +130,17 @@ class Experiment:
         specs = self.sources()
         names = specs if names is None else names
         return {
-            name: pretrained.load(specs[name], self.abstract_sources[name])
+            name: pretrained.load(
+                specs[name], self.abstract_sources[name], step=self.source_steps.get(name)
+            )
             if name in names and specs[name]
             else None
             for name in specs
         }
+
+    def load_base(self) -> nnx.State | None:
+        """The trained model's initial parameters from `model.init_from` (None without one)."""
+        return self.load_sources([BASE])[BASE]
 
     def init_state(self, seed: int | None = None, *, base: nnx.State | None = None) -> TrainState:
         """A fresh TrainState, created directly in its sharded placement.

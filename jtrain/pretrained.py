@@ -81,10 +81,11 @@ def apply_architecture(config) -> list[str]:
     return changes
 
 
-def load(spec: str, abstract_params: nnx.State) -> nnx.State:
+def load(spec: str, abstract_params: nnx.State, *, step: int | None = None) -> nnx.State:
     """Parameters from `spec`, shaped, typed and placed like `abstract_params`.
 
-    `abstract_params` leaves are `jax.ShapeDtypeStruct`s with a `sharding`.
+    `abstract_params` leaves are `jax.ShapeDtypeStruct`s with a `sharding`. `step` picks a
+    jtrain run's checkpoint (None = its newest).
     """
     if is_hf(spec):
         from jtrain.interop import hf  # torch-free, but only needed for hf: specs
@@ -93,4 +94,4 @@ def load(spec: str, abstract_params: nnx.State) -> nnx.State:
         return hf.load_params(hf_path(spec), abstract_params, shardings)
     from jtrain import checkpoint
 
-    return checkpoint.load_params(spec, abstract_params)
+    return checkpoint.load_params(spec, abstract_params, step=step)

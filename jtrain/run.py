@@ -16,9 +16,9 @@ from jtrain import (
     atomic,
     checkpoint,
     early_stopping,
+    frozen_sources,
     hooks,
     metrics,
-    pretrained,
     runs,
     workdir_guard,
 )
@@ -65,8 +65,7 @@ def _initial_state(
         batches.set_state(data_state)
         print(f"jtrain: resumed from {ckpts.directory} at step {step}", flush=True)
         return state.replace(frozen=exp.rebuild_frozen()), step
-    base = pretrained.load(init_from, exp.abstract_base) if init_from else None
-    state = exp.init_state(base=base)
+    state = exp.init_state(base=exp.load_base())
     if init_from:
         print(f"jtrain: parameters initialised from {init_from}", flush=True)
     return state, 0
@@ -127,6 +126,7 @@ def train_and_evaluate(
     metric, mode = (stopping.metric, stopping.mode) if stopping else exp.task.selection_metric
     best = {"best_metric": metric, "best_mode": mode}
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint, **best)
+    frozen_sources.pin(exp, workdir, has_checkpoints=bool(ckpts.steps()))
     batches = exp.task.batch_source(exp, workdir) or _pipeline_batches(exp)
     state, first_step = _initial_state(exp, ckpts, batches)
     t = config.train
@@ -177,6 +177,7 @@ def _evaluated_state(exp: Experiment, workdir: str, step: int | None) -> tuple[T
     init_from = exp.config.model.init_from
     restored = None
     step = early_stopping.final_step(workdir) if step is None else step
+    frozen_sources.apply(exp, frozen_sources.read(workdir) or {}, workdir)
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         ckpts = checkpoint.Checkpoints(workdir, exp.config.checkpoint, read_only=True)
         try:
@@ -193,4 +194,4 @@ def _evaluated_state(exp: Experiment, workdir: str, step: int | None) -> tuple[T
             + (f" of step {step}" if step is not None else "")
             + "; train there first, or set --config.model.init_from to the weights to evaluate."
         )
-    return exp.init_state(base=pretrained.load(init_from, exp.abstract_base)), 0
+    return exp.init_state(base=exp.load_base()), 0

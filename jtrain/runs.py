@@ -14,7 +14,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from jtrain import checkpoint, early_stopping, tasks
+from jtrain import checkpoint, early_stopping, frozen_sources, tasks
 from jtrain.experiment import Experiment
 from jtrain.models import lora
 from jtrain.state import BASE
@@ -68,6 +68,7 @@ def trained_model(workdir: str, *, step: int | None = None) -> nnx.Module:
     config.mesh.update(data=1, fsdp=1, tensor=1)
     task = run_task(workdir, config)
     exp = Experiment.from_config(config, _host_devices(), task=task)
+    frozen_sources.apply(exp, frozen_sources.read(workdir) or {}, workdir)
     step = early_stopping.final_step(workdir) if step is None else step
     params = checkpoint.load_params(workdir, exp.abstract_sharded_state().params, step=step)
     if not exp.has_frozen_base():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jtrain import config as config_lib
-from jtrain import run, runs
+from jtrain import frozen_sources, run, runs
 from jtrain.experiment import Experiment
 from jtrain.metrics import read_metrics
 from jtrain.tasks import dpo, dpo_reference
@@ -182,18 +182,18 @@ def test_weights_version_tells_checkpoints_and_files_apart(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "2").mkdir(parents=True)
     (run_dir / "checkpoints" / "2.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save
-    assert dpo_reference.weights_version(str(run_dir))["step"] == 2
+    assert frozen_sources.version(str(run_dir))["step"] == 2
     (run_dir / "checkpoints" / "10").mkdir()
-    assert dpo_reference.weights_version(str(run_dir / "checkpoints"))["step"] == 10
+    assert frozen_sources.version(str(run_dir / "checkpoints"))["step"] == 10
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     (hf / "model.safetensors").write_bytes(b"1234")
     (hf / "tokenizer.json").write_text("{}")  # not the weights
-    version = dpo_reference.weights_version(f"hf:{hf}")
+    version = frozen_sources.version(f"hf:{hf}")
     assert sorted(version) == ["config.json", "model.safetensors"]
     (hf / "model.safetensors").write_bytes(b"12345")
-    assert dpo_reference.weights_version(f"hf:{hf}") != version
+    assert frozen_sources.version(f"hf:{hf}") != version
 
 
 def test_a_finished_run_loads_without_its_log_probs(setup, tmp_path):

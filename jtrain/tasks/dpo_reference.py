@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import time
 
 import jax
@@ -14,7 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jtrain import pretrained
+from jtrain import frozen_sources, pretrained
 from jtrain.data.array_rows import ArrayExamples
 from jtrain.models import lora
 from jtrain.tasks import preference_examples
@@ -27,7 +26,7 @@ def fingerprint_parts(task, pairs: dict[tuple[str, str], ArrayExamples]) -> dict
     spec = task.reference_spec()
     model = {k: v for k, v in task.config.model.to_dict().items() if k != "init_from"}
     return {
-        "reference": {"spec": spec, "version": weights_version(spec)},
+        "reference": {"spec": spec, "version": frozen_sources.version(spec)},
         "model": model,
         "data": {
             f"{src} {split}": preference_examples.content_hash(v)
@@ -114,33 +113,3 @@ def decode_logps(encoded: dict[str, dict[str, str]]) -> dict[tuple[str, str], np
         for source, splits in encoded.items()
         for split, text in splits.items()
     }
-
-
-def weights_version(spec: str) -> dict:
-    """What tells apart the weights a spec names, read without loading them: an hf:
-    directory's files (size and modification time), a jtrain run's latest checkpoint step
-    (what `jtrain.pretrained.load` reads) and its time."""
-    if pretrained.is_hf(spec):
-        path = pretrained.hf_path(spec)
-        names = sorted(
-            n for n in os.listdir(path) if n == "config.json" or n.endswith(_WEIGHT_FILES)
-        )
-        return {n: _stamp(os.path.join(path, n)) for n in names}
-    path = os.path.abspath(os.path.expanduser(spec))
-    if os.path.basename(path.rstrip("/")) != "checkpoints" and os.path.isdir(
-        os.path.join(path, "checkpoints")
-    ):
-        path = os.path.join(path, "checkpoints")
-    steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
-    if not steps:
-        return {"step": None}
-    step = max(steps)
-    return {"step": step, "stamp": _stamp(os.path.join(path, str(step)))}
-
-
-_WEIGHT_FILES = (".safetensors", ".safetensors.index.json")
-
-
-def _stamp(path: str) -> list[int]:
-    status = os.stat(path)
-    return [status.st_size, status.st_mtime_ns]
