@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -29,6 +30,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     pipeline, the optimizer; this function owns the loop's own keys (train, eval, checkpoint,
     mesh, metrics).
     """
+    _finite_numbers(config.to_dict())
     task_class = tasks.task_class(config.task)
     kind, allowed = (
         config.model.get("kind", "transformer"),
@@ -52,6 +54,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         message = str(err)
         keyed = message.startswith(("data.", "train.", "eval.", "seed"))
         raise ConfigError(f"config.{message}" if keyed else message) from None
+
+
+def _finite_numbers(tree: dict, prefix: str = "") -> None:
+    """No setting may be inf or NaN: every check below compares numbers, and `lr > 0` holds
+    for inf (a run would only fail at its first step, blamed on the data)."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _finite_numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            require(False, f"{prefix}{key}", value, "must be a finite number")
 
 
 def _validate_loop(config) -> None:

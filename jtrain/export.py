@@ -106,4 +106,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["workdir", "to_hf"])
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -108,6 +108,7 @@ class Loop:
         preempted = False
         if self.stop_reason is None:  # a run that stopped early before stays stopped
             state, preempted = self._steps(state, first_step, preemption)
+        self._report_skipped(state)
         if not preempted:
             self.final_step = self.end_step
             for hook in self.hooks:
@@ -115,6 +116,16 @@ class Loop:
         for hook in self.hooks:
             hook.on_end(self, state, preempted=preempted)
         return state, preempted
+
+    def _report_skipped(self, state: TrainState) -> None:
+        """Under on_nonfinite=skip, says how many updates the whole run dropped (a resume
+        included: the count lives in the state) and records it with the train results."""
+        skipped = int(jax.device_get(state.skipped))
+        if skipped:
+            steps = int(jax.device_get(state.step))
+            print(f"jtrain: warning: {skipped} of {steps} updates were skipped (non-finite)")
+            self.writer.write(self.end_step, "train", {"skipped_updates": skipped})
+            self.results.setdefault("train", {})["skipped_updates"] = skipped
 
     def _steps(self, state: TrainState, first_step: int, preemption) -> tuple[TrainState, bool]:
         last = self.config.train.steps

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jtrain.validation import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = dict[str, tuple[str, ...]]
 
@@ -24,20 +26,20 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
     sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
     asked = dict(zip(MESH_AXES, sizes, strict=True))
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"mesh sizes {asked} are invalid: each must be a positive integer"
             ", and at most one may be -1 (all remaining devices)."
         )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh {asked}: the fixed axes ({known} devices) do not "
                 f"divide the {num_devices} available devices."
             )
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices but "
             f"{num_devices} are available; set one of mesh.data/fsdp/tensor to -1 to fill the rest."
         )

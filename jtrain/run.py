@@ -103,6 +103,15 @@ def _save_artifacts(exp: Experiment, workdir: str) -> None:
                 atomic.write_json(os.path.join(workdir, name), content)
 
 
+def _mark_resume(writer: metrics.MetricWriter, workdir: str, step: int) -> None:
+    """Logs a `resume` event where a run resumes: the steps logged after `step` before it
+    (trained, then lost to a kill) are logged again after this line, and these supersede."""
+    if not step or jax.process_index() != 0:
+        return
+    logged = [e["step"] for e in metrics.read_metrics(workdir, missing_ok=True)]
+    writer.write(step, "resume", {"redone_steps": max([step, *logged]) - step})
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, task: Task | None = None
 ) -> dict[str, dict]:
@@ -138,6 +147,7 @@ def train_and_evaluate(
         flush=True,
     )
     with metrics.MetricWriter(workdir) as writer, preemption_lib.Preemption() as preemption:
+        _mark_resume(writer, workdir, first_step)
         loop = Loop(config, exp, batches, _hooks(exp, ckpts), writer, ckpts, started)
         loop.run(state, first_step, preemption)
     ckpts.close()
