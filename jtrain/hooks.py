@@ -9,6 +9,7 @@ at; the loop then waits for the device) and `on_end`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from jtrain import checkpoint, metrics, text_scores
 from jtrain.data import pipeline
+from jtrain.errors import DataError
 from jtrain.experiment import Experiment
 from jtrain.sampler import Sampler
 from jtrain.state import TrainState
@@ -55,7 +57,12 @@ def _every(step: int, every: int) -> bool:
 
 
 def evaluate(
-    exp: Experiment, state: TrainState, batches: Iterable, *, save_as: str | None = None
+    exp: Experiment,
+    state: TrainState,
+    batches: Iterable,
+    *,
+    save_as: str | None = None,
+    what: str = "the evaluation split",
 ) -> dict[str, float]:
     """The task's metrics over every batch of an evaluation split, weighted exactly.
 
@@ -71,7 +78,7 @@ def evaluate(
         out = out.summed()
         total = out if total is None else total + out
     if total is None:
-        raise ValueError("the evaluation split produced no batches")
+        raise DataError(f"{what} is empty: there is nothing to evaluate; give it examples.")
     results = exp.task.report(jax.device_get(total))
     if outputs:
         gathered = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
@@ -94,7 +101,8 @@ def evaluate_split(exp: Experiment, state: TrainState, split: str, *, save_as=No
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    return evaluate(exp, state, batches, save_as=save_as)
+    what = f"the {split} split of data.source={exp.config.data.source!r}"
+    return evaluate(exp, state, batches, save_as=save_as, what=what)
 
 
 def _to_host(tree) -> dict[str, np.ndarray]:
@@ -125,11 +133,33 @@ class Evaluate(Hook):
         return last or _every(step, self.every)
 
     def run(self, loop, step, state) -> None:
-        self.evaluate(loop, step, state)
+        with saved_if_failing(loop, step, state):
+            self.evaluate(loop, step, state)
 
     def on_end(self, loop, state, *, preempted) -> None:
         if not preempted and self.ran_at != loop.end_step:  # a finished run, resumed
             self.evaluate(loop, loop.end_step, state)
+
+
+@contextlib.contextmanager
+def saved_if_failing(loop, step: int, state: TrainState):
+    """Runs an evaluation after step `step`; should it fail, saves that step first, as the
+    Checkpoint hook after it would have (without the metrics it did not get), so the error
+    ends the run without losing the steps trained since the last checkpoint."""
+    try:
+        yield
+    except Exception:
+        for hook in loop.hooks:
+            if isinstance(hook, Checkpoint) and step not in hook.ckpts.steps():
+                hook.run(loop, step, state)
+                hook.ckpts.wait()
+                if step in hook.ckpts.steps():  # not when the state was non-finite
+                    print(
+                        f"jtrain: the evaluation after step {step} failed; step {step} is saved "
+                        f"in {hook.ckpts.directory}, where a run started again resumes",
+                        flush=True,
+                    )
+        raise
 
 
 def recorded_event(workdir: str, split: str) -> dict | None:
@@ -210,7 +240,8 @@ class GenerateEvaluate(Hook):
         return last or _every(step, self.every)
 
     def run(self, loop, step, state) -> None:
-        scores = self.scores(loop.exp, state)
+        with saved_if_failing(loop, step, state):
+            scores = self.scores(loop.exp, state)
         if scores is not None:
             loop.writer.write(step, self.split, scores)
             loop.results.setdefault(self.split, {}).update(scores)

@@ -10,11 +10,12 @@ its frozen base this way; the adapters start fresh).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
 from flax import nnx
+
+from jtrain.errors import DataError
 
 HF_PREFIX = "hf:"
 
@@ -37,6 +38,12 @@ def check(spec: str) -> str | None:
         path = hf_path(spec)
         if not os.path.isfile(os.path.join(path, "config.json")):
             return f"{path!r} is not a Hugging Face model directory (no config.json)"
+        from jtrain.interop import safetensors_io
+
+        try:
+            safetensors_io.weight_files(path)
+        except DataError as err:
+            return str(err).rstrip(".")
         return None
     if not os.path.isdir(spec):
         return "no such directory; give a jtrain workdir, its checkpoints/ directory or hf:PATH"
@@ -59,12 +66,11 @@ def apply_architecture(config) -> list[str]:
     Raises ValueError for a directory whose architecture jtrain cannot express.
     """
     spec = config.model.init_from
-    if not is_hf(spec) or check(spec) is not None:
+    if not is_hf(spec) or not os.path.isfile(os.path.join(hf_path(spec), "config.json")):
         return []  # validation reports a missing directory
     from jtrain.interop import hf_config
 
-    with open(os.path.join(hf_path(spec), "config.json")) as f:
-        _, architecture = hf_config.config_from_hf(json.load(f))
+    _, architecture = hf_config.config_from_hf(hf_config.read_config_json(hf_path(spec)))
     changes = []
     for field in dataclasses.fields(architecture):
         name, value = field.name, getattr(architecture, field.name)

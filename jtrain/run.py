@@ -24,7 +24,7 @@ from jtrain import (
 )
 from jtrain import config as config_lib
 from jtrain import preemption as preemption_lib
-from jtrain.data import pipeline
+from jtrain.data import pipeline, splits
 from jtrain.experiment import Experiment
 from jtrain.loop import BatchSource, Loop, NonFiniteError, PipelineBatches
 from jtrain.state import TrainState
@@ -130,6 +130,7 @@ def train_and_evaluate(
         config_lib.save_json(config, workdir)
 
     exp = Experiment.from_config(config, task=task)
+    splits.check_not_empty(config, exp.task)  # an empty val or test would end the run at last
     _save_artifacts(exp, workdir)  # before the state: a task may load a model to make them
     stopping = early_stopping.Settings.from_config(config)
     metric, mode = (stopping.metric, stopping.mode) if stopping else exp.task.selection_metric

@@ -89,3 +89,45 @@ def run_failing(workdir, *flags, timeout=300, devices=2):
     assert len(lines) == 1, f"expected one error: line:\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return lines[0]
+
+
+# Bad data and evaluation splits.
+
+
+def failing_evaluation(monkeypatch, split: str = "val") -> None:
+    """Makes every evaluation of `split` raise a DataError, as data that breaks after the run
+    checked it would (a file replaced, a disk gone)."""
+    from jtrain import hooks
+    from jtrain.errors import DataError
+
+    real = hooks.evaluate_split
+
+    def evaluate_split(exp, state, name, **kwargs):
+        if name == split:
+            raise DataError(f"injected fault: the {split} split cannot be read")
+        return real(exp, state, name, **kwargs)
+
+    monkeypatch.setattr(hooks, "evaluate_split", evaluate_split)
+
+
+def write_lines(path, lines) -> str:
+    """Writes `lines` (str, encoded as UTF-8, or raw bytes: invalid UTF-8, broken JSON) one a
+    line; returns the path."""
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+    return str(path)
+
+
+def corrupt_gzip(path, text: bytes) -> str:
+    """Writes `text` gzipped with its deflate stream damaged in the middle (zlib.error when
+    read past the first part); returns the path."""
+    import gzip
+
+    data = bytearray(gzip.compress(text))
+    middle = len(data) // 2
+    for i in range(middle, min(middle + 64, len(data) - 8)):
+        data[i] ^= 0x55
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return str(path)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jtrain.errors import DataError
+
 
 class Documents:
     """Token-id documents of one split (each BOS ... EOS), by index; subclasses supply doc()."""
@@ -89,8 +91,9 @@ class WeightedDocuments(InMemoryDocuments):
 class ArrayRecordDocuments(Documents):
     """Documents of a prepared split: one ArrayRecord record of little-endian int32 each.
 
-    Packing plans need every length up front, so the constructor reads each record once; the
-    reader reopens lazily in every worker process, and the last few documents are cached
+    Packing plans need every length up front, so the constructor reads each record once (a
+    damaged shard is a DataError naming it, before training rather than mid-run); the reader
+    reopens lazily in every worker process, and the last few documents are cached
     (consecutive chunks of a long document read it once).
     """
 
@@ -99,10 +102,9 @@ class ArrayRecordDocuments(Documents):
     def __init__(self, paths: Sequence[str]):
         self.paths = tuple(paths)
         self._source, self._cache, self._lock = None, {}, threading.Lock()
-        source = self._reader()
-        self.lengths = np.fromiter(
-            (len(source[i]) // 4 for i in range(len(source))), dtype=np.int64, count=len(source)
-        )
+        lengths = [_shard_lengths(path) for path in self.paths]
+        self.lengths = np.concatenate(lengths or [np.zeros(0, np.int64)])
+        self._shard_ends = np.cumsum([len(shard) for shard in lengths], dtype=np.int64)
 
     def _reader(self):
         if self._source is None:
@@ -124,8 +126,34 @@ class ArrayRecordDocuments(Documents):
             if index not in self._cache:
                 if len(self._cache) >= self._CACHED_DOCS:
                     del self._cache[next(iter(self._cache))]
-                self._cache[index] = np.frombuffer(self._reader()[index], dtype="<i4")
+                self._cache[index] = np.frombuffer(self._record(index), dtype="<i4")
             return self._cache[index]
+
+    def _record(self, index: int) -> bytes:
+        try:
+            return self._reader()[index]
+        except RuntimeError as err:  # the shard changed on disk since its lengths were read
+            shard = self.paths[int(np.searchsorted(self._shard_ends, index, side="right"))]
+            raise _damaged_shard(shard, err) from None
+
+
+def _shard_lengths(path: str) -> np.ndarray:
+    """int64 tokens of each document of one shard, reading each record once."""
+    import grain  # here, so that tokenizers and sources import without Grain
+
+    try:
+        source = grain.sources.ArrayRecordDataSource([path])
+        return np.fromiter((len(source[i]) // 4 for i in range(len(source))), dtype=np.int64)
+    except RuntimeError as err:  # array_record's error for a damaged file names no file
+        raise _damaged_shard(path, err) from None
+
+
+def _damaged_shard(path: str, err: Exception) -> DataError:
+    """The error for a prepared shard that cannot be read."""
+    return DataError(
+        f"{path}: this prepared shard cannot be read ({err}); it looks truncated or corrupt. "
+        "Run `python -m jtrain.data.prepare` again to rewrite the dataset."
+    )
 
 
 class ConcatDocuments(Documents):

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from jtrain import errors
 from jtrain.data import cleaning, dedup, prepared_output, readers, sources, tokenizers
 
 BAD_KINDS = ("malformed", "invalid_utf8", "missing_field", "non_string", "empty")
@@ -258,6 +259,7 @@ def prepare(
         for split in sources.SPLITS:
             os.makedirs(os.path.join(tmp, split))
         manifest = _run(files, tmp, tok, config, progress)
+        prepared_output.check_usable(manifest)
         manifest["tokenizer"] = tok.describe()
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
@@ -282,18 +284,20 @@ def _run(files: list[str], root: str, tok, config: dict, progress: bool) -> dict
     )
     bar = _Progress(progress)
     counts = prep.counts
-    for path in files:
-        records = readers.iter_file_records(
-            path,
-            text_field=config["text_field"],
-            text_mode=config["text_mode"],
-            fmt=config["format"],
-        )
-        for record in records:
-            prep.add(record)
-            bar.update(counts["read"], counts["kept"], prep.input_bytes)
-    splits = prep.finish(root)
-    bar.update(counts["read"], counts["kept"], prep.input_bytes, final=True)
+    try:
+        for path in files:
+            records = readers.iter_file_records(
+                path,
+                text_field=config["text_field"],
+                text_mode=config["text_mode"],
+                fmt=config["format"],
+            )
+            for record in records:
+                prep.add(record)
+                bar.update(counts["read"], counts["kept"], prep.input_bytes)
+        splits = prep.finish(root)
+    finally:  # ends the progress line, so an error is a line of its own
+        bar.update(counts["read"], counts["kept"], prep.input_bytes, final=True)
     seconds, docs_per_s, mb_per_s = bar.rate(counts["read"], prep.input_bytes)
     return {
         "format": FORMAT,
@@ -336,24 +340,11 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     if not f.input or not f.output:
         raise app.UsageError("--input and --output are required.")
-    try:
-        manifest = prepare(
-            f.input,
-            f.output,
-            text_field=f.text_field,
-            text_mode=f.text_mode,
-            fmt=f.format,
-            splits=f.splits,
-            tokenizer=f.tokenizer,
-            near_dedup=f.near_dedup,
-            near_dedup_threshold=f.near_dedup_threshold,
-            shard_docs=f.shard_docs,
-            strict=f.strict,
-            overwrite=f.overwrite,
-            progress=f.progress,
-        )
-    except (ValueError, FileExistsError) as e:
-        sys.exit(f"prepare: error: {e}")
+    with errors.reported("prepare: error"):  # one line, also for no space or permissions
+        try:
+            manifest = _prepare_from_flags(f)
+        except (ValueError, FileExistsError) as e:  # options and inputs: the user's to fix
+            raise errors.UserError(str(e)) from e
     print(json.dumps({"documents": manifest["documents"], "splits": manifest["splits"]}, indent=2))
     for kind, examples in manifest["examples"].items():
         print(f"{kind}: {manifest['documents'][kind]:,}, e.g. {examples[0]}")
@@ -362,6 +353,24 @@ def main(argv: Sequence[str]) -> None:
         f"throughput: {t['documents_per_s']:,.0f} documents/s, {t['mb_per_s']:.2f} MB/s "
         f"({manifest['documents']['read']:,} documents, {t['input_mb']:.2f} MB in "
         f"{t['seconds']:.2f} s) -> {f.output}"
+    )
+
+
+def _prepare_from_flags(f) -> dict:
+    return prepare(
+        f.input,
+        f.output,
+        text_field=f.text_field,
+        text_mode=f.text_mode,
+        fmt=f.format,
+        splits=f.splits,
+        tokenizer=f.tokenizer,
+        near_dedup=f.near_dedup,
+        near_dedup_threshold=f.near_dedup_threshold,
+        shard_docs=f.shard_docs,
+        strict=f.strict,
+        overwrite=f.overwrite,
+        progress=f.progress,
     )
 
 

@@ -2,7 +2,8 @@
 
 A split's documents go to ArrayRecord shards of `shard_docs` documents, named i-of-n once the
 split is complete. The whole output is built under a temporary directory and moved into
-place only when everything succeeded, so an output directory that exists is complete.
+place only when everything succeeded and the train split has documents, so an output
+directory that exists is complete and can be trained on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import shutil
 
 import numpy as np
+
+from jtrain.errors import DataError
 
 
 def check_output(output: str, overwrite: bool) -> None:
@@ -36,6 +39,30 @@ def publish(tmp: str, output: str, overwrite: bool) -> None:
         shutil.rmtree(old)
     else:
         os.remove(old)
+
+
+def check_usable(manifest: dict) -> None:
+    """Raises DataError for an output nothing could train on (nothing kept, or nothing in the
+    train split), saying where the documents went."""
+    counts, config, splits = manifest["documents"], manifest["config"], manifest["splits"]
+    if not counts["kept"]:
+        dropped = ", ".join(
+            f"{kind} {n:,}" for kind, n in counts.items() if n and kind not in ("read", "kept")
+        )
+        examples = [quoted[0] for quoted in manifest["examples"].values()]
+        raise DataError(
+            f"nothing was kept: {counts['read']:,} records read from {config['files']} file(s)"
+            + (f", dropped as {dropped} (e.g. {examples[0]})" if dropped else "")
+            + f"; check --text_field={config['text_field']!r}, --format, --text_mode and the "
+            "inputs. Nothing was written."
+        )
+    if not splits["train"]["documents"]:
+        shares = ", ".join(f"{name} {split['documents']:,}" for name, split in splits.items())
+        raise DataError(
+            f"the train split is empty: the {counts['kept']:,} documents kept went to the "
+            f"others ({shares}; --splits={','.join(f'{x:g}' for x in config['splits'])}); add "
+            "documents or give train a larger share of --splits. Nothing was written."
+        )
 
 
 class SplitWriter:

@@ -7,10 +7,11 @@ text_mode="line", or pieces of whole lines with `chunk_bytes`). JSONL and text l
 at a time, Parquet a record batch at a time, so inputs larger than memory are fine (text_mode
 "file" holds a whole text file unless `chunk_bytes` is set). A record that cannot be read is
 not dropped here: it comes out with `error` set ("malformed", "invalid_utf8") and a short
-`reason`, so the caller can count and report it by `path:line`; a file that cannot be read at
-all raises a ValueError. Bytes are decoded with errors="strict", because a codec's silent
-replacement would hide invalid UTF-8. `iter_records` (for `jtrain.data.prepare`) builds on it:
-one text per record, taken from `text_field`, with `ERRORS` naming why a record has none.
+`reason`, so the caller can count and report it by `path:line`; a file that cannot be read on
+(corrupt, truncated) raises a `DataError` naming it. Bytes are decoded with errors="strict"
+(a codec's silent replacement would hide invalid UTF-8), Parquet strings checked likewise.
+`iter_records` (for `jtrain.data.prepare`) builds on it: one text per record, taken from
+`text_field`, with `ERRORS` naming why a record has none.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ import io
 import itertools
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
+
+from jtrain.errors import DataError
 
 ERRORS = ("malformed", "invalid_utf8", "missing_field", "non_string")
 FORMATS = ("auto", "jsonl", "text", "parquet")
@@ -227,9 +231,32 @@ def _parquet_rows(path: str, columns: list[str] | None) -> Iterator[Row]:
             ):
                 lengths = pc.binary_length(column).to_pylist()
                 sizes = [s + (n or 0) for s, n in zip(sizes, lengths, strict=True)]
-        for value, nbytes in zip(batch.to_pylist(), sizes, strict=True):
+        for (value, reason), nbytes in zip(_batch_values(batch), sizes, strict=True):
             row += 1
-            yield Row(value, path, row, nbytes=nbytes)
+            if value is None:
+                yield Row(None, path, row, "invalid_utf8", reason, nbytes)
+            else:
+                yield Row(value, path, row, nbytes=nbytes)
+
+
+def _batch_values(batch) -> list[tuple[dict | None, str]]:
+    """(record, "") per row of a Parquet batch, or (None, why) for a row with a string that is
+    not UTF-8: Arrow does not check strings on read, so one bad cell must not lose the batch."""
+    try:
+        return [(value, "") for value in batch.to_pylist()]
+    except UnicodeDecodeError:
+        pass
+    out = []
+    for i in range(batch.num_rows):  # cell by cell: only for a batch that holds a bad one
+        value, reason = {}, ""
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            try:
+                value[name] = column[i].as_py()
+            except UnicodeDecodeError as e:
+                reason = f"column {name!r}: invalid UTF-8 byte 0x{e.object[e.start]:02x}"
+                break
+        out.append((None, reason) if reason else (value, ""))
+    return out
 
 
 def check_options(text_mode: str, fmt: str) -> None:
@@ -271,16 +298,22 @@ def iter_file_rows(
 
 
 def _file_errors_named(path: str, kind: str, rows: Iterator[Row]) -> Iterator[Row]:
-    """Re-raises a file that cannot be read at all (corrupt, truncated) as a ValueError."""
+    """Re-raises a file that cannot be read on (corrupt, truncated) as a DataError naming it
+    and the line it broke off after."""
     import pyarrow as pa
     import zstandard
 
+    line = 0
     try:
-        yield from rows
-    except (OSError, EOFError, zstandard.ZstdError, pa.ArrowException) as e:
-        raise ValueError(
-            f"{path}: cannot read it as {kind} ({type(e).__name__}: {e}); is it truncated, "
-            "corrupt or misnamed? Fix or remove it, or set the format explicitly."
+        for row in rows:
+            line = row.line
+            yield row
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError, pa.ArrowException) as e:
+        after = f" after line {line}" if line else ""
+        error = "zlib.error" if isinstance(e, zlib.error) else type(e).__name__
+        raise DataError(
+            f"{path}: cannot read it as {kind}{after} ({error}: {e}); is it "
+            "truncated, corrupt or misnamed? Fix or remove it, or set the format explicitly."
         ) from e
 
 

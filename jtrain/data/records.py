@@ -144,12 +144,34 @@ class RecordsBuilder:
 
 
 def _keyed(split_key: SplitKey, record: dict, where: str, skipped: Skipped) -> str | None:
-    """The record's key, or None (counted in `skipped`) if `split_key` says it is bad."""
+    """The record's key, or None (counted in `skipped`) if it is not UTF-8 or `split_key` says
+    it is bad."""
     try:
+        _check_utf8(record)
         return split_key(record)
     except ValueError as err:
         skipped.add(where, getattr(err, "kind", "bad_record"), str(err))
         return None
+
+
+def _check_utf8(value) -> None:
+    """Raises BadRecord for a string that no UTF-8 can hold: a lone surrogate, which valid JSON
+    (an escape such as \\udc80) or a function's text can carry, and a tokenizer fails on."""
+    if isinstance(value, str):
+        if value.isascii():  # O(1): the common case copies nothing
+            return
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            code = ord(value[err.start])
+            reason = f"invalid UTF-8: a lone surrogate \\u{code:04x} at character {err.start + 1}"
+            raise BadRecord("invalid_utf8", reason) from None
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_utf8(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_utf8(item)
 
 
 def _file_rows(path: str, text_key: str, skipped: Skipped):

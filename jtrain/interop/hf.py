@@ -40,6 +40,7 @@ from jtrain.interop.hf_config import (
     config_to_hf,
     head_of,
     infer_family,
+    read_config_json,
 )
 from jtrain.models.transformer import DTYPES, HEADS, Decoder, TransformerConfig
 
@@ -63,8 +64,7 @@ _TOKENIZER_FILES = (
 
 def read_config(path: str, *, dtype: str = "float32") -> tuple[str, TransformerConfig]:
     """(family, TransformerConfig) of the Hugging Face model directory at path."""
-    with open(os.path.join(path, "config.json")) as f:
-        return config_from_hf(json.load(f), dtype=dtype)
+    return config_from_hf(read_config_json(path), dtype=dtype)
 
 
 def _normalise(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -108,14 +108,13 @@ def load_params(path: str, abstract_params: nnx.State, shardings=None) -> nnx.St
     one. Otherwise the checkpoint's head is not read and the model's is left out of the
     result, to stay as initialised: an LM directory gives a reward model a fresh score head.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        hf_json = json.load(f)
+    hf_json = read_config_json(path)
     family, cfg = config_from_hf(hf_json)
     head, options = head_of(hf_json)
     tensors = safetensors_io.map_checkpoint(path)
     prefix = "transformer." if family == "gpt2" and "transformer.wte.weight" in tensors else ""
     table = hf_tensors.sources(family, cfg, prefix, head, **options)
-    hf_tensors.check_tensors(tensors, table, cfg.n_layers, cfg.tie_embeddings)
+    hf_tensors.check_tensors(tensors, table, cfg.n_layers, cfg.tie_embeddings, path)
     for name in hf_tensors.HEAD_PARAMS:
         if name in table and name not in abstract_params:
             del table[name]
@@ -163,8 +162,7 @@ def load_model(
     dtype is the compute dtype, param_dtype the one parameters are stored in. With a mesh
     (and the logical-axis rules), every tensor is read straight into its sharded placement.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        hf_json = json.load(f)
+    hf_json = read_config_json(path)
     _, cfg = config_from_hf(hf_json, dtype=dtype)
     head, options = head_of(hf_json)
     if param_dtype not in DTYPES:

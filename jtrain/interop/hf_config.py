@@ -12,8 +12,11 @@ with one label), the two heads of `jtrain.models.transformer`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping
 
+from jtrain.errors import DataError
 from jtrain.models.transformer import DTYPES, TransformerConfig
 
 ARCHITECTURES = {
@@ -192,6 +195,24 @@ def _gpt2_config(keys: _Keys) -> dict:
         mlp_activation=_GELUS[act],
         mlp_bias=True,
     )
+
+
+def read_config_json(path: str) -> dict:
+    """The config.json of the Hugging Face model directory at path, as a dict; a DataError
+    names the file when it is not a JSON object."""
+    file = os.path.join(path, "config.json")
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        hf = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            "fix it, or download the model again."
+        ) from None
+    if not isinstance(hf, dict):
+        raise DataError(f"{file} holds a JSON {type(hf).__name__}, not an object of model keys.")
+    return hf
 
 
 def config_from_hf(hf: Mapping, *, dtype: str = "float32") -> tuple[str, TransformerConfig]:

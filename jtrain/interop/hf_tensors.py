@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
+from jtrain.errors import DataError
 from jtrain.interop.safetensors_io import Tensor
 from jtrain.models.transformer import HEAD_PARAMS as _HEAD_PARAMS
 from jtrain.models.transformer import TransformerConfig
@@ -173,9 +174,14 @@ def _axis_groups(stored: tuple[int, ...], view: tuple[int, ...]) -> list[list[in
 
 
 def check_tensors(
-    tensors: Mapping[str, np.ndarray], table: dict[str, Source], n_layers: int, tied: bool
+    tensors: Mapping[str, np.ndarray],
+    table: dict[str, Source],
+    n_layers: int,
+    tied: bool,
+    path: str,
 ) -> None:
-    """Every tensor the table names exists with its shape, and no stored tensor is left over."""
+    """Every tensor the table names exists with its shape, and no stored tensor is left over;
+    a DataError names the model directory `path` and the first few that do not fit."""
     expected = {}
     for src in table.values():
         names = [src.name.format(i=i) for i in range(n_layers)] if "{i}" in src.name else [src.name]
@@ -195,7 +201,10 @@ def check_tensors(
         if name not in expected and name not in ignorable and not name.endswith(_BUFFER_SUFFIXES)
     ]
     if problems:
-        raise ValueError("checkpoint does not match config.json:\n  " + "\n  ".join(problems[:20]))
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise DataError(
+            f"{path}: the weights do not match config.json: {'; '.join(problems[:5])}{more}"
+        )
 
 
 def stored_tensors(
