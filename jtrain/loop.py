@@ -151,7 +151,11 @@ class Loop:
             self.throughput.restart(step)  # evaluation and saving are not throughput
             if preempted:
                 self.ckpts.wait()
-                print(f"jtrain: preempted; saved step {step} in {self.ckpts.directory}", flush=True)
+                print(
+                    f"jtrain: preempted; saved step {step} in {self.ckpts.directory}; "
+                    "run the same command again to resume",
+                    flush=True,
+                )
                 return state, True
             if self.stop_reason is not None:
                 print(f"jtrain: stopped at step {step}: {self.stop_reason}", flush=True)

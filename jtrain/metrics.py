@@ -159,6 +159,42 @@ def _format(name: str, value: float | int) -> str:
     return f"{value:.3e}"
 
 
+class _EventFile:
+    """TensorBoard scalars written in the calling thread, each event flushed as it is written.
+
+    tensorboardX's SummaryWriter hands events to a background thread through a
+    multiprocessing.Queue of 10 and joins that thread in close() with no time limit: once the
+    thread has died (a write that failed: a full disk), the 11th event and close() wait
+    forever, and a Ctrl-C landing in that machinery has hung a run's exit. Written here, an
+    event is on disk when `write` returns, a failed write raises there, and closing is
+    closing a file.
+    """
+
+    def __init__(self, logdir: str):
+        # Deferred: only process 0 with a workdir needs them.
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.record_writer import directory_check
+
+        directory_check(logdir)
+        self._events = EventsWriter(os.path.join(logdir, "events"))
+
+    def write(self, step: int, scalars: Mapping[str, float | int]) -> None:
+        from tensorboardX import summary
+        from tensorboardX.proto import event_pb2
+
+        # summary.scalar makes the Summary SummaryWriter.add_scalar makes (tags cleaned alike).
+        values = [summary.scalar(tag, value).value[0] for tag, value in scalars.items()]
+        event = event_pb2.Event(wall_time=time.time(), step=step, summary={"value": values})
+        self._events.write_event(event)
+        self._events.flush()
+
+    def flush(self) -> None:
+        self._events.flush()
+
+    def close(self) -> None:
+        self._events.close()
+
+
 class MetricWriter:
     """Writes metrics to stdout, `workdir/metrics.jsonl` and `workdir/tensorboard/`.
 
@@ -183,9 +219,7 @@ class MetricWriter:
         self._jsonl = open(path, "a", buffering=1, encoding="utf-8")
         if ends_mid_line:
             self._jsonl.write("\n")
-        import tensorboardX  # deferred: only process 0 with a workdir needs it
-
-        self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+        self._tb = _EventFile(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         """Logs one event: `metrics` of `split` (train | val | test) at `step`."""
@@ -200,8 +234,7 @@ class MetricWriter:
             self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
-            for name, value in values.items():
-                self._tb.add_scalar(f"{split}/{name}", value, global_step=step)
+            self._tb.write(step, {f"{split}/{name}": value for name, value in values.items()})
         if self._log_to_stdout:
             fields = [f"{name} {_format(name, value)}" for name, value in values.items()]
             print(" | ".join([f"step {step:>5}", split, *fields]), flush=True)
@@ -215,12 +248,14 @@ class MetricWriter:
 
     def close(self) -> None:
         """Flushes and closes the files; later writes only go to stdout."""
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        jsonl, tb = self._jsonl, self._tb
+        self._jsonl = self._tb = None
+        try:
+            if jsonl is not None:
+                jsonl.close()
+        finally:
+            if tb is not None:
+                tb.close()
 
     def __enter__(self) -> MetricWriter:
         return self

@@ -131,3 +131,96 @@ def corrupt_gzip(path, text: bytes) -> str:
     with open(path, "wb") as f:
         f.write(bytes(data))
     return str(path)
+
+
+# Signals and shutdown.
+
+
+class terminal_job:  # noqa: N801 - used as a function: `with terminal_job(...) as proc`
+    """Runs the CLI as a terminal's foreground job: in its own process group (which `ctrl_c`
+    signals, as a terminal does), stdout and stderr in files (`job_output`) so that no pipe
+    fills while a test waits. The group is killed on leaving, should the test fail early."""
+
+    def __init__(self, workdir, *flags, devices=2):
+        self.command = conftest.main_command(workdir, *flags)
+        self.workdir, self.devices = workdir, devices
+
+    def __enter__(self):
+        import subprocess
+
+        with open(f"{self.workdir}.out", "w") as out, open(f"{self.workdir}.err", "w") as err:
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=conftest.REPO,
+                env=conftest.main_env(self.devices),
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        return self.proc
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def job_output(workdir) -> tuple[str, str]:
+    """The stdout and stderr a `terminal_job` in workdir has written so far."""
+    with open(f"{workdir}.out") as out, open(f"{workdir}.err") as err:
+        return out.read(), err.read()
+
+
+def ctrl_c(proc) -> None:
+    """SIGINT to the process group, as Ctrl-C in a terminal (data workers included)."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+def wait_until(condition, proc, what: str, timeout=120) -> None:
+    """Polls condition() until it holds; fails if the process ends first or time runs out."""
+    import time
+
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {what}"
+        assert time.time() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.02)
+
+
+def wait_for_step(workdir, step: int, proc, timeout=120) -> None:
+    """Waits until metrics.jsonl has logged train step `step` (or a later one)."""
+
+    def logged() -> bool:
+        path = os.path.join(str(workdir), "metrics.jsonl")
+        return os.path.exists(path) and max(conftest.train_losses(workdir), default=0) >= step
+
+    wait_until(logged, proc, f"step {step}", timeout)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The running processes whose parent is `pid` (Linux /proc)."""
+    return [child for child in _proc_pids() if (_stat(child) or ("", 0))[1] == pid]
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _proc_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name, in (), may hold spaces
+    except OSError:
+        return None
+    return fields[0], int(fields[1])

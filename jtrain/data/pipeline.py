@@ -22,7 +22,12 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import gc
+import os
+import signal
+import threading
+import time
 import weakref
 from collections.abc import Iterator
 
@@ -41,6 +46,7 @@ Batch = dict[str, np.ndarray]  # inputs, targets: int32[b, L]; loss_weight: floa
 # and the iterator state then sits exactly at the consumed position.
 _READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 _MIN_SHM_BYTES = 1 << 20
+_ORPHAN_POLL_SECONDS = 0.5  # how soon a worker whose trainer died notices and exits
 _DEFAULTS = {
     "packing": True,
     "workers": 0,
@@ -247,7 +253,9 @@ def make_train_iterator(
         # Arrays under 1 MiB go through the queue: a shared-memory block per array costs more.
         shm_options = grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES)
         iter_dataset = grain.experimental.WithOptionsIterDataset(iter_dataset, shm_options)
-        iter_dataset = iter_dataset.mp_prefetch(options)
+        iter_dataset = iter_dataset.mp_prefetch(
+            options, worker_init_fn=functools.partial(_init_worker, os.getpid())
+        )
     if prefetch:
         iter_dataset = grain.experimental.ThreadPrefetchIterDataset(
             iter_dataset, prefetch_buffer_size=prefetch
@@ -255,6 +263,25 @@ def make_train_iterator(
     iterator = iter(iter_dataset)
     _OPEN_ITERATORS.add(iterator)
     return iterator
+
+
+def _init_worker(trainer_pid: int, worker_index: int, worker_count: int) -> None:
+    """Runs first in each Grain worker process: Ctrl-C is the trainer's to act on, and a
+    worker ends with its trainer, even one killed by SIGKILL."""
+    # Ctrl-C reaches the terminal's whole process group: a worker it killed would fail the
+    # step the trainer finishes before saving. SIGTERM keeps its default: multiprocessing
+    # stops leftover workers with it at exit, then waits for them without a time limit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch = threading.Thread(target=_exit_when_orphaned, args=(trainer_pid,), daemon=True)
+    watch.start()
+
+
+def _exit_when_orphaned(trainer_pid: int) -> None:
+    # Not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started the worker ends, and
+    # Grain starts workers from thread pools it replaces (on set_state, for one).
+    while os.getppid() == trainer_pid:
+        time.sleep(_ORPHAN_POLL_SECONDS)
+    os._exit(0)
 
 
 def _use_flag_defaults_if_unparsed() -> None:
