@@ -2,16 +2,25 @@
 
 Saves are asynchronous (the device-to-host copy is the only blocking part) and atomic
 (Orbax writes into a temporary directory and renames it when complete), so a kill at any
-moment leaves the previous checkpoints intact. Restoring walks back from the newest
-checkpoint to the newest one that reads completely, so a damaged file costs one interval.
+moment leaves the previous checkpoints intact. A save that fails raises a CheckpointError
+saying why ("no space left on device at PATH"): at once when its directory cannot be made,
+else from the next `save` or `wait`. The checkpoints saved before it stay, since Orbax deletes
+old steps only once a new one is committed.
+
+Restoring walks back from the newest checkpoint to the newest one that reads completely and
+whose arrays match the checksums saved with them (jtrain.checkpoint_integrity), so a damaged
+file costs one interval. A training run moves the damaged ones aside (jtrain.checkpoint_faults),
+so it can save those steps again. A checkpoint of another model is not damaged: it is refused.
 
 The state is saved packed into a few flat arrays (jtrain.packed_state: Orbax's cost grows
-with the number of arrays) and restores onto any mesh. The data position, config and run
-metadata ride in the step's metadata file, which Orbax writes before the commit rename.
+with the number of arrays) and restores onto any mesh. The data position, config, run
+metadata and checksums ride in the step's metadata file, which Orbax writes before the commit
+rename.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -21,9 +30,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jtrain import packed_state
+from jtrain import checkpoint_faults, checkpoint_integrity, packed_state
+from jtrain.checkpoint_faults import damage, newest_readable, on_every_process
 from jtrain.errors import UserError
 from jtrain.models.transformer import HEAD_PARAMS
 from jtrain.state import TrainState
@@ -59,15 +70,18 @@ def _legacy_manager(directory: str) -> ocp.CheckpointManager:
 
 def _saved_layout(manager: ocp.CheckpointManager, step: int) -> dict | None:
     """A packed checkpoint's custom step metadata, or None for one from before packing."""
+    unreadable = None
     try:
         custom = manager.metadata(step).custom_metadata or {}
-    except Exception:  # noqa: BLE001 - unreadable: neither kind, reported below
-        custom = {}
+    except Exception as err:  # noqa: BLE001 - unreadable: neither kind, reported below
+        custom, unreadable = {}, err
     if "layout" in custom:
         return custom
     if os.path.isdir(os.path.join(str(manager.directory), str(step), "data")):
         return None  # before packing, the data position was an item of its own
-    raise ValueError(f"the metadata of step {step} (its layout and data position) is unreadable")
+    raise ValueError(
+        f"the metadata of step {step} (its layout and data position) is unreadable"
+    ) from unreadable
 
 
 class Checkpoints:
@@ -85,6 +99,9 @@ class Checkpoints:
     ):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.best_metric = best_metric
+        self.read_only = read_only
+        self._pending: int | None = None  # the step of the save started last
+        checkpoint_faults.quiet_orbax_failures()
         keep = [policies.LatestN(ckpt_cfg.keep)]
         if ckpt_cfg.keep_best:
             # Ascending sort keeps the largest: reversed, the smallest survives.
@@ -102,6 +119,9 @@ class Checkpoints:
             options = ocp.CheckpointManagerOptions(
                 preservation_policy=policies.AnyPreservationPolicy(keep),
                 enable_async_checkpointing=True,
+                # In `save`, not in Orbax's threads: there, a directory that cannot be made
+                # leaves the other threads waiting for it, and the process never exits.
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
                 create=True,
             )
         self.manager = ocp.CheckpointManager(
@@ -128,7 +148,8 @@ class Checkpoints:
         """Starts an async save of `state` at its step; refuses non-finite values."""
         step = int(jax.device_get(state.step))
         layout, pack = packed_state.packer_for(state)
-        packed, finite = pack(state)  # copies the state, so the next step may donate it
+        packed, finite, sums = pack(state)  # copies the state, so the next step may donate it
+        finite, sums = jax.device_get((finite, sums))
         if not bool(finite):
             log.error("not saving step %d: the state holds non-finite values", step)
             return False
@@ -140,18 +161,36 @@ class Checkpoints:
             "jtrain_version": _jtrain_version(),
         }
         custom = {"data": data_state, "config": dict(config), "meta": meta, "layout": layout}
+        custom["checksums"] = {group: int(value) for group, value in sums.items()}
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(packed_state.nest(packed)))
         found = metrics is not None and self.best_metric in metrics
         best = {self.best_metric: metrics[self.best_metric]} if found else None
-        return self.manager.save(step, args=args, metrics=best, force=True, custom_metadata=custom)
+        self.wait()  # the previous save's failure is reported as that step's
+        self._pending = step
+        try:
+            return self.manager.save(
+                step, args=args, metrics=best, force=True, custom_metadata=custom
+            )
+        except Exception as err:  # noqa: BLE001 - any failure to save ends the run, explained
+            raise self._failed(err) from err
 
     def wait(self) -> None:
         """Blocks until every pending save is committed to disk."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - any failure to save ends the run, explained
+            raise self._failed(err) from err
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+    def _failed(self, err: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"could not save checkpoint step {self._pending} in {self.directory}: "
+            f"{checkpoint_faults.describe(err)}. The checkpoints saved before it are kept, and "
+            "a run started again once this is fixed resumes from the latest."
+        )
 
     # -- restoring --------------------------------------------------------------------------
 
@@ -161,45 +200,66 @@ class Checkpoints:
         """(state, data_state, step) from the newest readable checkpoint, or None if none.
 
         `abstract_state` carries the target shardings, which may differ from those the
-        checkpoint was saved with (resharding). Damaged checkpoints are skipped with a warning.
-        With `step`, only that checkpoint is read.
+        checkpoint was saved with (resharding). Damaged checkpoints are skipped with a warning
+        and, unless read-only, moved aside. With `step`, only that checkpoint is read.
         """
         steps = self.steps()
-        if step is not None:
-            if step not in steps:
-                raise CheckpointError(
-                    f"{self.directory} has no checkpoint of step {step}; it has {steps or 'none'}."
-                )
-            steps = [step]
-        for step in reversed(steps):
-            try:
-                custom = _saved_layout(self.manager, step)
-                self._check_shapes(step, custom, abstract_state)
-                if custom is None:
-                    state, data_state = self._restore_legacy(step, abstract_state)
-                else:
-                    state = packed_state.restore(
-                        self.manager, step, custom["layout"], abstract_state
-                    )
-                    data_state = custom["data"]
-            except CheckpointError:
-                raise
-            except Exception as err:  # noqa: BLE001 - any read failure means damaged
-                log.warning(
-                    "checkpoint %s/%d is damaged (%s: %s); falling back to an older one",
-                    self.directory,
-                    step,
-                    type(err).__name__,
-                    str(err)[:200],
-                )
-                continue
-            return state, data_state, step
-        if steps:
+        if step is not None and step not in steps:
             raise CheckpointError(
-                f"no checkpoint in {self.directory} could be read (steps {steps}); move the "
-                "directory away to start afresh, or set --config.checkpoint.overwrite=True."
+                f"{self.directory} has no checkpoint of step {step}; it has {steps or 'none'}."
             )
-        return None
+        read = functools.partial(self._read, abstract_state=abstract_state)
+        at, restored, damaged = newest_readable(
+            self.directory, steps if step is None else [step], read
+        )
+        if at is None and step is not None:
+            raise CheckpointError(
+                f"{damage(self.directory, damaged)}; choose another of its steps {steps}."
+            )
+        if at is None and steps:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} could be read: "
+                f"{damage(self.directory, damaged)}. Nothing was moved (so many failures may "
+                "be the reading side's: permissions, a lost mount); move the directory away "
+                "to start afresh."
+            )
+        if at is None:
+            return None
+        if damaged and not self.read_only:
+            self._move_aside(damaged, fell_back_to=at)
+        return (*restored, at)
+
+    def _read(self, step: int, abstract_state: TrainState) -> tuple[TrainState, Any]:
+        """(state, data_state) of checkpoint `step`: every process reads it, or none does."""
+        custom = on_every_process(lambda: _saved_layout(self.manager, step))
+        self._check_shapes(step, custom, abstract_state)
+        if custom is None:
+            return on_every_process(lambda: self._restore_legacy(step, abstract_state))
+        layout = custom["layout"]
+        packed = on_every_process(
+            lambda: packed_state.read(self.manager, step, layout, abstract_state)
+        )
+        checkpoint_integrity.verify(packed, custom.get("checksums"))
+        return packed_state.unpack(packed, layout, abstract_state), custom["data"]
+
+    def _move_aside(self, damaged: list[tuple[int, str]], *, fell_back_to: int) -> None:
+        """Moves damaged checkpoints out of Orbax's directory: left there, the step they
+        hold could never be saved again. Process 0 moves; the others wait for it."""
+        if jax.process_index() == 0:
+            for step, why in damaged:
+                try:
+                    where = checkpoint_faults.move_aside(
+                        self.directory, step, why, fell_back_to=fell_back_to
+                    )
+                except OSError as err:
+                    raise CheckpointError(
+                        f"{damage(self.directory, [(step, why)])} and could not be moved "
+                        f"aside ({err}); move it out of {self.directory}, then run again."
+                    ) from err
+                print(f"jtrain: moved the damaged checkpoint of step {step} to {where}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("damaged checkpoints moved aside")
+        self.manager.reload()
 
     def _restore_legacy(self, step: int, abstract_state: TrainState) -> tuple[TrainState, Any]:
         manager = _legacy_manager(self.directory)
@@ -250,59 +310,89 @@ def _trunk_only(layout: dict, abstract_params) -> tuple[dict, object]:
     return {**layout, "leaves": leaves}, kept
 
 
-def load_params(path: str, abstract_params, *, step: int | None = None):
-    """Parameters only (no optimizer or data state) from a jtrain workdir or checkpoint dir."""
+def _checkpoints_directory(path: str) -> str:
+    """The checkpoints/ directory of a jtrain workdir, or `path` itself."""
+    if os.path.basename(path.rstrip("/")) == "checkpoints":
+        return path
+    candidate = os.path.join(path, "checkpoints")
+    return candidate if os.path.isdir(candidate) else path
+
+
+def load_params(
+    path: str,
+    abstract_params,
+    *,
+    step: int | None = None,
+    config_key: str | None = "model.init_from",
+):
+    """Parameters only (no optimizer or data state) from a jtrain workdir or checkpoint dir:
+    of its newest readable checkpoint (damaged ones passed over with a warning), or of `step`.
+    Messages begin with `config_key`=path, the setting that named it (None: nothing)."""
     path = os.path.abspath(os.path.expanduser(path))  # Orbax takes absolute paths only
-    directory = path if os.path.basename(path.rstrip("/")) == "checkpoints" else None
-    if directory is None:
-        candidate = os.path.join(path, "checkpoints")
-        directory = candidate if os.path.isdir(candidate) else path
+    prefix = f"{config_key}={path!r}: " if config_key else ""
+    directory = _checkpoints_directory(path)
     if not os.path.isdir(directory):
-        raise CheckpointError(f"model.init_from={path!r}: no such checkpoint directory")
-    manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-    )
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"model.init_from={path!r}: {directory} holds no checkpoint")
+        raise CheckpointError(f"{prefix}no checkpoint directory at {path}")
+    checkpoint_faults.quiet_orbax_failures()
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
     try:
-        custom = _saved_layout(manager, step)
-    except ValueError as err:
-        raise CheckpointError(f"model.init_from={path!r}: {err}") from None
-    if custom is not None:
-        layout, abstract_params = _trunk_only(custom["layout"], abstract_params)
-        custom = {**custom, "layout": layout}
-        problems = packed_state.layout_problems(layout, abstract_params, "params/")
-    else:
-        problems = shape_mismatches(manager.item_metadata(step)["state"]["params"], abstract_params)
-    if problems:
-        raise CheckpointError(
-            f"model.init_from={path!r} (step {step}) does not match the configured model:\n  "
-            + "\n  ".join(problems[:20])
-        )
-    try:
-        if custom is not None:
-            return packed_state.restore(manager, step, custom["layout"], abstract_params, "params/")
-        restore_args = jax.tree.map(
-            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params
-        )
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={"params": abstract_params},
-                    restore_args={"params": restore_args},
-                    partial_restore=True,
-                )
-            ),
-        )
-        return restored["state"]["params"]
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise CheckpointError(f"{prefix}{directory} holds no checkpoint")
+        if step is not None and step not in steps:
+            raise CheckpointError(
+                f"{prefix}{directory} has no checkpoint of step {step}; it has steps {steps}"
+            )
+        read = functools.partial(_read_params, manager, abstract=abstract_params, prefix=prefix)
+        at, params, damaged = newest_readable(directory, steps if step is None else [step], read)
+        if at is None:
+            what = "choose another of its steps" if step is not None else "none of its steps"
+            raise CheckpointError(f"{prefix}{damage(directory, damaged)}; {what} {steps}")
+        return params
     finally:
         manager.close()
 
 
+def _read_params(manager: ocp.CheckpointManager, step: int, *, abstract, prefix: str):
+    """The parameters of checkpoint `step`: every process reads them, or none does."""
+    custom = on_every_process(lambda: _saved_layout(manager, step))
+    if custom is None:
+        return on_every_process(lambda: _read_legacy_params(manager, step, abstract, prefix))
+    layout, abstract = _trunk_only(custom["layout"], abstract)
+    problems = packed_state.layout_problems(layout, abstract, "params/")
+    _refuse_mismatch(prefix, manager, step, problems)
+    packed = on_every_process(lambda: packed_state.read(manager, step, layout, abstract, "params/"))
+    checkpoint_integrity.verify(packed, custom.get("checksums"))
+    return packed_state.unpack(packed, layout, abstract, "params/")
+
+
+def _read_legacy_params(manager: ocp.CheckpointManager, step: int, abstract, prefix: str):
+    saved = manager.item_metadata(step)["state"]["params"]
+    _refuse_mismatch(prefix, manager, step, shape_mismatches(saved, abstract))
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={"params": abstract},
+                restore_args={"params": restore_args},
+                partial_restore=True,
+            )
+        ),
+    )
+    return restored["state"]["params"]
+
+
+def _refuse_mismatch(prefix: str, manager, step: int, problems: list[str]) -> None:
+    if problems:
+        raise CheckpointError(
+            f"{prefix}checkpoint {manager.directory}/{step} does not match the configured "
+            "model:\n  " + "\n  ".join(problems[:20])
+        )
+
+
+@functools.cache
 def _jtrain_version() -> str:
     try:
         from importlib.metadata import version

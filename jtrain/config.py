@@ -11,10 +11,11 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 
 import ml_collections
 
-from jtrain import early_stopping, models, optim, pretrained, tasks
+from jtrain import atomic, early_stopping, models, optim, pretrained, tasks
 from jtrain.data import pipeline
 from jtrain.mesh import parse_rules
 from jtrain.models import lora
@@ -154,12 +155,18 @@ def prepare(config: ml_collections.ConfigDict) -> list[str]:
     return changes
 
 
-def save_json(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Writes the resolved config to workdir/config.json and returns the path."""
+def save_json(config: ml_collections.ConfigDict | Mapping, workdir: str) -> str:
+    """Writes the resolved config to workdir/config.json and returns the path: whole or not
+    at all, so a failed write (a full disk) leaves the previous file, or none."""
     path = os.path.join(workdir, "config.json")
-    with open(path, "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-        f.write("\n")
+    content = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+
+    def dump(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic.write(path, dump)
     return path
 
 

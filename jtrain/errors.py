@@ -55,7 +55,8 @@ def debugging() -> bool:
 @contextlib.contextmanager
 def reported(prefix: str = "error"):
     """Ends the process with one `PREFIX: message` line for a UserError or a user-fixable
-    OSError (exit status 1); re-raises them unchanged under JTRAIN_DEBUG=1."""
+    OSError (exit status 1), and with status 130 on Ctrl-C; re-raises them unchanged under
+    JTRAIN_DEBUG=1."""
     try:
         yield
     except UserError as err:
@@ -67,3 +68,10 @@ def reported(prefix: str = "error"):
         if line is None or debugging():
             raise
         sys.exit(f"{prefix}: {line}")
+    except KeyboardInterrupt:
+        # Ctrl-C before training's own handler is installed (loading, compiling) or in a
+        # command without one: nothing was being saved, so say so and stop as shells expect.
+        if debugging():
+            raise
+        sys.stderr.write("jtrain: interrupted (Ctrl-C)\n")
+        sys.exit(130)

@@ -2,9 +2,10 @@
 
     python -m jtrain.export --workdir=runs/NAME --to_hf=exported/NAME [--step=N] [--dtype=bfloat16]
 
-Reads the run's config.json and the parameters of its latest (or `--step`) checkpoint, and
-writes config.json + safetensors (+ the tokenizer files when `data.tokenizer` is a Hugging
-Face tokenizer) that `transformers.AutoModelForCausalLM.from_pretrained` loads; a reward run
+Reads the run's config.json and the parameters of its newest readable checkpoint (a damaged
+one is passed over with a warning) or of `--step`, and writes config.json + safetensors (+ the
+tokenizer files when `data.tokenizer` is a Hugging Face tokenizer) that
+`transformers.AutoModelForCausalLM.from_pretrained` loads; a reward run
 (`task="reward"`) is written as the family's `...ForSequenceClassification` with one label,
 for `AutoModelForSequenceClassification`. A LoRA run is exported merged: its adapters folded
 into the base weights. The weights are assembled in host memory, whatever devices and mesh the
@@ -24,7 +25,7 @@ import sys
 
 from absl import app, flags
 
-from jtrain import checkpoint, cli
+from jtrain import cli, errors
 from jtrain.data import tokenizers
 from jtrain.interop import hf
 from jtrain.runs import run_config, trained_model
@@ -96,10 +97,11 @@ def export_hf(
 def main(argv: list[str]) -> None:
     cli.start(argv)
     f = flags.FLAGS
-    try:
-        family = export_hf(f.workdir, f.to_hf, step=f.step, dtype=f.dtype, family=f.family)
-    except (checkpoint.CheckpointError, ValueError, FileExistsError) as err:
-        sys.exit(f"error: {err}")
+    with errors.reported():
+        try:
+            family = export_hf(f.workdir, f.to_hf, step=f.step, dtype=f.dtype, family=f.family)
+        except (ValueError, FileExistsError) as err:  # an architecture or --to_hf refused
+            sys.exit(f"error: {err}")
     print(f"jtrain: exported {f.workdir} as a {family} model to {f.to_hf}")
 
 

@@ -175,10 +175,10 @@ class Loop:
     def _finish(self, step: int, step_metrics) -> None:
         """Applies the non-finite policy to a finished step, then the hooks' on_step."""
         if float(step_metrics["nonfinite"]):
-            steps = self.ckpts.steps()
-            where = f"step {steps[-1]} in {self.ckpts.directory}" if steps else "none yet"
             if self.config.train.on_nonfinite == "halt":
-                self.ckpts.wait()
+                self.ckpts.wait()  # so the step named below is committed, not in flight
+                steps = self.ckpts.steps()
+                where = f"step {steps[-1]} in {self.ckpts.directory}" if steps else "none yet"
                 raise NonFiniteError(
                     f"non-finite loss or gradient at step {step}; its update was not applied. "
                     f"Last good checkpoint: {where}. Lower optimizer.lr, check the data, or set "

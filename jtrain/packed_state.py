@@ -5,8 +5,9 @@ for all 10 MB of the default model's data), so jtrain.checkpoint saves one flat 
 group (the parameters, everything else) and dtype, sharded over every device of the mesh.
 The layout (name, shape, dtype, offset of each leaf) goes in the checkpoint's metadata;
 restoring reads the flat arrays onto the target mesh and cuts them back into the target
-shardings, so a checkpoint restores onto any mesh and any device count. Packing and the
-finite check are one jitted dispatch, compiled once per process and state structure.
+shardings, so a checkpoint restores onto any mesh and any device count. Packing, the finite
+check and the arrays' checksums (jtrain.checkpoint_integrity) are one jitted dispatch,
+compiled once per process and state structure.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
+
+from jtrain import checkpoint_integrity
 
 
 def path_name(path) -> str:
@@ -87,7 +90,8 @@ def nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _packer(layout: dict, shardings):
-    """A jitted state -> ({group: flat array}, all finite), in one dispatch."""
+    """A jitted state -> ({group: flat array}, all finite, {group: checksum}), in one
+    dispatch."""
     flat_sharding, devices = _flat_sharding(shardings)
     groups = list(layout["sizes"])
 
@@ -103,9 +107,10 @@ def _packer(layout: dict, shardings):
         for g, size in layout["sizes"].items():
             parts[g].append(jnp.zeros(_padded(size, devices) - size, parts[g][0].dtype))
         packed = {g: jnp.concatenate(xs) for g, xs in parts.items()}
-        return packed, jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
+        all_finite = jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
+        return packed, all_finite, checkpoint_integrity.checksums(packed)
 
-    return jax.jit(pack, out_shardings=({g: flat_sharding for g in groups}, None))
+    return jax.jit(pack, out_shardings=({g: flat_sharding for g in groups}, None, None))
 
 
 # Compiled once per process and state structure, so a new Checkpoints compiles nothing.
@@ -159,12 +164,17 @@ def layout_problems(layout: dict, abstract_tree, prefix: str) -> list[str]:
     return shape_problems(params(saved), params(expected)) or shape_problems(saved, expected)
 
 
-def restore(manager, step: int, layout: dict, abstract_tree, prefix: str = ""):
-    """The leaves of `abstract_tree` (named `prefix` + path) from a packed checkpoint."""
+def _wanted(layout: dict, abstract_tree, prefix: str):
+    """(layout entries, abstract leaves, treedef) of the leaves of `abstract_tree`."""
     by_name = {e["name"]: e for e in layout["leaves"]}
     paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_tree)
-    entries = [by_name[prefix + path_name(p)] for p, _ in paths]
-    abstract_leaves = [a for _, a in paths]
+    return [by_name[prefix + path_name(p)] for p, _ in paths], [a for _, a in paths], treedef
+
+
+def read(manager, step: int, layout: dict, abstract_tree, prefix: str = "") -> dict:
+    """{group: flat array} of the groups holding the leaves of `abstract_tree` (named
+    `prefix` + path), read from a packed checkpoint onto the devices of its shardings."""
+    entries, abstract_leaves, _ = _wanted(layout, abstract_tree, prefix)
     sharding, devices = _flat_sharding([a.sharding for a in abstract_leaves])
     items, args = {}, {}
     for group in sorted({e["group"] for e in entries}):
@@ -177,5 +187,10 @@ def restore(manager, step: int, layout: dict, abstract_tree, prefix: str = ""):
         item=nest(items), restore_args=nest(args), partial_restore=True
     )
     restored = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
-    packed = {f"{s}/{d}": x for s, xs in restored.items() for d, x in xs.items()}
+    return {f"{s}/{d}": x for s, xs in restored.items() for d, x in xs.items()}
+
+
+def unpack(packed: dict, layout: dict, abstract_tree, prefix: str = ""):
+    """The leaves of `abstract_tree` (named `prefix` + path) cut from `read`'s arrays."""
+    entries, abstract_leaves, treedef = _wanted(layout, abstract_tree, prefix)
     return jax.tree.unflatten(treedef, _unpack(packed, entries, abstract_leaves))

@@ -10,7 +10,6 @@ import time
 
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 
 from jtrain import (
     atomic,
@@ -20,7 +19,7 @@ from jtrain import (
     hooks,
     metrics,
     runs,
-    workdir_guard,
+    workdir_claim,
 )
 from jtrain import config as config_lib
 from jtrain import preemption as preemption_lib
@@ -32,12 +31,6 @@ from jtrain.tasks.base import Task
 
 MODES = ("train", "eval")
 __all__ = ["MODES", "NonFiniteError", "evaluate", "train_and_evaluate"]
-
-
-def _barrier(name: str) -> None:
-    """Waits for every process of a multi-process run to get here."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def _pipeline_batches(exp: Experiment) -> PipelineBatches:
@@ -123,12 +116,16 @@ def train_and_evaluate(
     """
     started = time.perf_counter()
     _prepare(config)
-    os.makedirs(workdir, exist_ok=True)
-    workdir_guard.prepare(workdir, config.to_dict(), overwrite=config.checkpoint.overwrite)
-    _barrier("workdir checked")  # every process read the old config.json before it changes
-    if jax.process_index() == 0:
-        config_lib.save_json(config, workdir)
+    with workdir_claim.claimed(workdir, config, task=task):  # refuses, or holds it to the end
+        if jax.process_index() == 0:
+            config_lib.save_json(config, workdir)
+        return _train(config, workdir, task, started)
 
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, task: Task | None, started: float
+) -> dict[str, dict]:
+    """train_and_evaluate in a workdir this run holds."""
     exp = Experiment.from_config(config, task=task)
     splits.check_not_empty(config, exp.task)  # an empty val or test would end the run at last
     _save_artifacts(exp, workdir)  # before the state: a task may load a model to make them
@@ -147,11 +144,13 @@ def train_and_evaluate(
         f"steps {first_step + 1}..{t.steps} of {t.batch_size} examples",
         flush=True,
     )
-    with metrics.MetricWriter(workdir) as writer, preemption_lib.Preemption() as preemption:
-        _mark_resume(writer, workdir, first_step)
-        loop = Loop(config, exp, batches, _hooks(exp, ckpts), writer, ckpts, started)
-        loop.run(state, first_step, preemption)
-    ckpts.close()
+    # Signals are handled until the last file is closed: a Ctrl-C while closing quits quietly.
+    with preemption_lib.Preemption() as preemption:
+        with metrics.MetricWriter(workdir) as writer:
+            _mark_resume(writer, workdir, first_step)
+            loop = Loop(config, exp, batches, _hooks(exp, ckpts), writer, ckpts, started)
+            loop.run(state, first_step, preemption)
+        ckpts.close()
     return loop.results
 
 
@@ -166,6 +165,14 @@ def evaluate(
     the `model.init_from` weights when the workdir has no checkpoint; appends the event to
     workdir/metrics.jsonl and returns the metrics. Nothing is trained or saved."""
     _prepare(config)
+    with workdir_claim.claimed(workdir, config, task=task, training=False):
+        return _evaluate(config, workdir, step, task)
+
+
+def _evaluate(
+    config: ml_collections.ConfigDict, workdir: str, step: int | None, task: Task | None
+) -> dict[str, float]:
+    """evaluate in a workdir this run holds (it appends to metrics.jsonl, as training does)."""
     split = config.eval.split
     done = hooks.recorded_event(workdir, "test") if split == "test" else None
     if done is not None:  # the test split is touched once per run

@@ -59,7 +59,7 @@ def run_task(workdir: str, config: ml_collections.ConfigDict | None = None) -> t
 
 def trained_model(workdir: str, *, step: int | None = None) -> nnx.Module:
     """The run's model with the weights of its checkpoint at `step` (None = the run's final
-    weights: the latest checkpoint, or the best one where early stopping chose it).
+    weights: the newest readable checkpoint, or the best one where early stopping chose it).
 
     A LoRA run's checkpoint holds its adapters only: the frozen base is rebuilt as the run
     built it (from model.init_from, or from the seed), and the adapters are merged into it.
@@ -70,7 +70,8 @@ def trained_model(workdir: str, *, step: int | None = None) -> nnx.Module:
     exp = Experiment.from_config(config, _host_devices(), task=task)
     frozen_sources.apply(exp, frozen_sources.read(workdir) or {}, workdir)
     step = early_stopping.final_step(workdir) if step is None else step
-    params = checkpoint.load_params(workdir, exp.abstract_sharded_state().params, step=step)
+    abstract = exp.abstract_sharded_state().params
+    params = checkpoint.load_params(workdir, abstract, step=step, config_key=None)
     if not exp.has_frozen_base():
         return nnx.merge(exp.graphdef, params)
     return lora.merge(nnx.merge(exp.graphdef, params, exp.rebuild_frozen()[BASE]))

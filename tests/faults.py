@@ -133,6 +133,78 @@ def corrupt_gzip(path, text: bytes) -> str:
     return str(path)
 
 
+# Checkpoint integrity.
+
+
+def strip_checksums(workdir, step: int) -> None:
+    """Rewrites checkpoint `step`'s metadata without its checksums, as jtrain wrote it before
+    it had them."""
+    import json
+
+    path = os.path.join(step_dir(workdir, step), "_CHECKPOINT_METADATA")
+    with open(path) as f:
+        metadata = json.load(f)
+    del metadata["custom_metadata"]["checksums"]
+    with open(path, "w") as f:
+        json.dump(metadata, f)
+
+
+def failing_writes(monkeypatch, error_number: int) -> None:
+    """Makes every small file Orbax writes while saving (a step's metadata, its commit marker)
+    fail with OSError(error_number), as a full disk or a lost mount does mid-save."""
+    from orbax.checkpoint._src.path import async_path
+
+    async def write_text(path, text):
+        raise OSError(error_number, os.strerror(error_number), str(path))
+
+    monkeypatch.setattr(async_path, "write_text", write_text)
+
+
+def one_error_line(proc) -> str:
+    """The one `error:` line of a command that failed without a traceback."""
+    assert proc.returncode != 0, f"expected a failure:\n{proc.stdout[-2000:]}"
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, f"expected one error: line:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def run_module(module: str, *flags, timeout=120, devices=2):
+    """Runs `python -m MODULE FLAGS` (jtrain.export, jtrain.generate, ...) to completion."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", module, *flags],
+        cwd=conftest.REPO,
+        env=conftest.main_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def fault_mid_run(workdir, *flags, ready, fault, timeout=180, devices=2):
+    """Starts the CLI, waits until ready() holds, applies fault() and lets the run go on;
+    returns the finished process (stdout, stderr as text). A run still alive `timeout`
+    seconds after the fault (hung) is killed and fails the test."""
+    import subprocess
+    import time
+
+    proc = conftest.start_main(workdir, *flags, devices=devices)
+    while not ready():
+        assert proc.poll() is None, f"the run ended before the fault:\n{proc.stderr.read()[-3000:]}"
+        time.sleep(0.05)
+    fault()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"the run still ran {timeout} s after the fault: it hangs") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 # Signals and shutdown.
 
 
@@ -224,3 +296,93 @@ def _stat(pid: int) -> tuple[str, int] | None:
     except OSError:
         return None
     return fields[0], int(fields[1])
+
+
+# The workdir guard.
+
+
+def hold_workdir(workdir):
+    """Starts a process that holds workdir's lock as a running jtrain run does, until it is
+    killed; returns it once it holds the lock."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\nfrom jtrain import workdir_lock\n"
+        "workdir_lock.acquire(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(3600)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(workdir)],
+        cwd=conftest.REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "held", "the holder could not take the lock"
+    return proc
+
+
+def kill_hard(proc) -> None:
+    """SIGKILL: the process gets no chance to clean up (a crash, the OOM killer)."""
+    import signal
+
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def unwritable(path):
+    """A context in which the directory `path` cannot be written, even by root (chmod, and
+    chattr +i where chmod is not enough); skips the test where neither works."""
+    import contextlib
+
+    return contextlib.contextmanager(_unwritable)(path)
+
+
+def _unwritable(path):
+    import stat
+
+    import pytest
+
+    mode = os.stat(path).st_mode
+    os.chmod(path, stat.S_IRUSR | stat.S_IXUSR)
+    immutable = os.geteuid() == 0 and _chattr(path, "+i")
+    try:
+        if _writable(path):
+            pytest.skip("cannot make a directory unwritable here (root without chattr)")
+        yield
+    finally:
+        if immutable:
+            _chattr(path, "-i")
+        os.chmod(path, mode)
+
+
+def _chattr(path, flag: str) -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+    except FileNotFoundError:  # no chattr
+        return False
+
+
+def _writable(directory) -> bool:
+    probe = os.path.join(str(directory), ".probe")
+    try:
+        with open(probe, "w"):
+            pass
+    except OSError:
+        return False
+    os.remove(probe)
+    return True
+
+
+def disk_full_in_json_dump(monkeypatch) -> None:
+    """Makes json.dump write the start of its output and then fail with ENOSPC, as a write
+    to a full disk does."""
+    import errno
+    import json
+
+    def dump(content, f, **kwargs):
+        f.write(json.dumps(content, **kwargs)[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(json, "dump", dump)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jtrain import checkpoint, run, workdir_guard
+from jtrain import checkpoint, run
 from jtrain import config as config_lib
 from jtrain.experiment import Experiment
 from jtrain.metrics import read_metrics
@@ -205,17 +205,6 @@ def test_checkpoint_of_another_shape_names_the_mismatched_parameters(trained):
     )
 
 
-def test_a_different_config_refuses_the_workdir_unless_overwrite(trained, tmp_path):
-    import shutil
-
-    workdir = str(tmp_path / "copy")
-    shutil.copytree(trained, workdir)
-    with pytest.raises(checkpoint.CheckpointError, match=r"model.d_ff: 128 -> 256"):
-        run.train_and_evaluate(tiny_config(model__d_ff=256), workdir)
-    assert checkpoint.Checkpoints(workdir, _ckpt_cfg()).steps()  # nothing was deleted
-    run.train_and_evaluate(tiny_config(model__d_ff=256, checkpoint__overwrite=True), workdir)
-
-
 @pytest.mark.parametrize(
     "mesh, devices",
     [(dict(data=2, fsdp=2, tensor=2), 8), (dict(data=1, fsdp=1, tensor=1), 1)],
@@ -249,15 +238,6 @@ def test_init_from_loads_parameters_only(trained, tmp_path):
     results = run.train_and_evaluate(tiny_config(model__init_from=trained, **short), str(tmp_path))
     fresh = run.train_and_evaluate(tiny_config(**short), str(tmp_path / "fresh"))
     assert results["val"]["loss"] < fresh["val"]["loss"] - 0.3  # it starts from trained weights
-
-
-def test_keys_added_to_jtrain_after_a_run_do_not_refuse_its_workdir():
-    saved = {"seed": 0, "model": {"d_ff": 128}, "optimizer": {"name": "adamw"}}
-    current = {"seed": 0, "model": {"d_ff": 128, "lora": {"rank": 0}, "norm": "rms"}}
-    current["optimizer"] = {"name": "adamw"}
-    assert workdir_guard.config_differences(saved, current) == []
-    current["model"]["d_ff"] = 256
-    assert workdir_guard.config_differences(saved, current) == ["model.d_ff: 128 -> 256"]
 
 
 def _tiny_state():
