@@ -1,12 +1,24 @@
 """Test setup: 8 fake CPU devices, set before jax initialises so every test can build meshes;
 and the helpers several test files share (import them as `from tests.conftest import ...`)."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's compiled programs are cached on disk for this session, shared with the subprocesses
+# the tests start (they inherit the environment): most tests compile the same tiny steps, and
+# a hit costs a file read instead of seconds of compiling. The cache starts empty each session
+# and is deleted after it: tests never reuse programs from another checkout or version.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="jtrain-tests-xla-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

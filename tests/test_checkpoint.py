@@ -160,6 +160,9 @@ def test_skip_policy_goes_on_and_never_writes_a_non_finite_checkpoint(tmp_path):
     events = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
     skipped = [e["step"] for e in events if e.get("nonfinite") == 1.0]
     assert skipped and skipped[0] == 2
+    # The run's end says how many updates it dropped in all (issue 11: it used to stay silent).
+    total = [e["skipped_updates"] for e in events if "skipped_updates" in e]
+    assert total == [len(skipped)]
     exp = Experiment.from_config(_exploding())
     ckpts = checkpoint.Checkpoints(tmp_path, _exploding().checkpoint)
     state, _, step = ckpts.restore_latest(exp.abstract_sharded_state())
