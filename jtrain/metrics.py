@@ -159,6 +159,28 @@ def _format(name: str, value: float | int) -> str:
     return f"{value:.3e}"
 
 
+def _import_tensorboardx_without_torch() -> None:
+    """Imports tensorboardX without the torch its package `__init__` imports when installed.
+
+    `import tensorboardX` runs tensorboardX.writer, which imports torch if it can, only to
+    accept torch tensors in SummaryWriter; jtrain writes events without SummaryWriter and
+    never needs torch, whose import costs seconds at the start of every run (its
+    `numpy_compatible` falls back to numpy.ndarray). A torch already imported is used as is,
+    and torch imports normally again afterwards.
+    """
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError meanwhile
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        pass  # a tensorboardX that needs torch: imported normally by the caller
+    finally:
+        del sys.modules["torch"]
+
+
 class _EventFile:
     """TensorBoard scalars written in the calling thread, each event flushed as it is written.
 
@@ -172,6 +194,7 @@ class _EventFile:
 
     def __init__(self, logdir: str):
         # Deferred: only process 0 with a workdir needs them.
+        _import_tensorboardx_without_torch()
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.record_writer import directory_check
 

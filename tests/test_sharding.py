@@ -15,7 +15,9 @@ MESHES = {
     "1 device": dict(data=1, fsdp=1, tensor=1),
     "data=8": dict(data=8, fsdp=1, tensor=1),
     "fsdp=8": dict(data=1, fsdp=8, tensor=1),
-    "data=2 x tensor=4": dict(data=2, fsdp=1, tensor=4),
+    # Every axis at once: tensor splits heads (2 kv heads a device) while data and fsdp split
+    # the batch and fsdp the parameters. A second mixed mesh (data=2 x tensor=4) ran the same
+    # code paths again at the price of two more compiles.
     "data=2 x fsdp=2 x tensor=2": dict(data=2, fsdp=2, tensor=2),
 }
 
