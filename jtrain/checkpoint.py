@@ -310,7 +310,7 @@ def _trunk_only(layout: dict, abstract_params) -> tuple[dict, object]:
     return {**layout, "leaves": leaves}, kept
 
 
-def _checkpoints_directory(path: str) -> str:
+def checkpoints_directory(path: str) -> str:
     """The checkpoints/ directory of a jtrain workdir, or `path` itself."""
     if os.path.basename(path.rstrip("/")) == "checkpoints":
         return path
@@ -330,7 +330,7 @@ def load_params(
     Messages begin with `config_key`=path, the setting that named it (None: nothing)."""
     path = os.path.abspath(os.path.expanduser(path))  # Orbax takes absolute paths only
     prefix = f"{config_key}={path!r}: " if config_key else ""
-    directory = _checkpoints_directory(path)
+    directory = checkpoints_directory(path)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{prefix}no checkpoint directory at {path}")
     checkpoint_faults.quiet_orbax_failures()

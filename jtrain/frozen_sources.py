@@ -15,7 +15,7 @@ import os
 
 import jax
 
-from jtrain import atomic, pretrained
+from jtrain import atomic, checkpoint, pretrained
 from jtrain.checkpoint import CheckpointError
 
 FILE = "frozen_sources.json"
@@ -25,11 +25,7 @@ _WEIGHT_FILES = (".safetensors", ".safetensors.index.json")
 
 def checkpoints_dir(spec: str) -> str:
     """The checkpoints/ directory a jtrain spec (a workdir or its checkpoints/) names."""
-    path = os.path.abspath(os.path.expanduser(spec))
-    if os.path.basename(path.rstrip("/")) != "checkpoints":
-        candidate = os.path.join(path, "checkpoints")
-        path = candidate if os.path.isdir(candidate) else path
-    return path
+    return checkpoint.checkpoints_directory(os.path.abspath(os.path.expanduser(spec)))
 
 
 def committed_steps(directory: str) -> list[int]:
