@@ -140,4 +140,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.metrics = ml_collections.ConfigDict()
     c.metrics.peak_flops_per_device = 0.0  # for MFU; 0 = known table, else measured on CPU
+    # Weights & Biases: "" = off; else the project every event is also logged to (process 0
+    # only; a resumed run continues the same W&B run). Needs `pip install "jtrain[wandb]"`.
+    c.metrics.wandb_project = ""
+    c.metrics.wandb_entity = ""  # the W&B team or user ("" = your default)
+
+    # A profiler trace of `steps` steps from `start_step` on, written to tensorboard/ (open its
+    # Profile tab); steps = 0 = off. Start after compilation and the first steps' warm-up.
+    c.profile = ml_collections.ConfigDict()
+    c.profile.start_step = 10
+    c.profile.steps = 0
     return c

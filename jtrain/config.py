@@ -111,6 +111,9 @@ def _validate_loop(config) -> None:
         raise ConfigError(str(err)) from None
     peak = config.metrics.peak_flops_per_device
     require(peak >= 0, "metrics.peak_flops_per_device", peak, "must be >= 0 (0 = auto)")
+    p = config.profile
+    require(p.steps >= 0, "profile.steps", p.steps, "must be >= 0 (0 = no profile)")
+    require(p.start_step >= 1, "profile.start_step", p.start_step, "must be >= 1 (a step number)")
 
 
 def _schedule_by_epochs(config, task) -> None:

@@ -12,8 +12,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -218,17 +218,30 @@ class _EventFile:
         self._events.close()
 
 
+class Sink(Protocol):
+    """Somewhere else every event also goes (Weights & Biases): given the event's values as
+    Python numbers, after metrics.jsonl has them; closed with the writer."""
+
+    def write(self, step: int, split: str, values: Mapping[str, float | int]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class MetricWriter:
-    """Writes metrics to stdout, `workdir/metrics.jsonl` and `workdir/tensorboard/`.
+    """Writes metrics to stdout, `workdir/metrics.jsonl`, `workdir/tensorboard/` and the
+    `sinks` given.
 
     Only process 0 writes; on other processes every method is a no-op.
     """
 
-    def __init__(self, workdir: str | None, *, log_to_stdout: bool = True):
+    def __init__(
+        self, workdir: str | None, *, log_to_stdout: bool = True, sinks: Sequence[Sink] = ()
+    ):
         self._active = jax.process_index() == 0
         self._log_to_stdout = log_to_stdout and self._active
         self._jsonl = None
         self._tb = None
+        self._sinks = list(sinks) if self._active else []
         if workdir is None or not self._active:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -258,6 +271,8 @@ class MetricWriter:
             self._jsonl.flush()
         if self._tb is not None:
             self._tb.write(step, {f"{split}/{name}": value for name, value in values.items()})
+        for sink in self._sinks:
+            sink.write(step, split, values)
         if self._log_to_stdout:
             fields = [f"{name} {_format(name, value)}" for name, value in values.items()]
             print(" | ".join([f"step {step:>5}", split, *fields]), flush=True)
@@ -271,14 +286,19 @@ class MetricWriter:
 
     def close(self) -> None:
         """Flushes and closes the files; later writes only go to stdout."""
-        jsonl, tb = self._jsonl, self._tb
+        jsonl, tb, sinks = self._jsonl, self._tb, self._sinks
         self._jsonl = self._tb = None
+        self._sinks = []
         try:
             if jsonl is not None:
                 jsonl.close()
         finally:
-            if tb is not None:
-                tb.close()
+            try:
+                if tb is not None:
+                    tb.close()
+            finally:
+                for sink in sinks:
+                    sink.close()
 
     def __enter__(self) -> MetricWriter:
         return self

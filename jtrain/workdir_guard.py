@@ -107,7 +107,7 @@ GROUPS = (
     Group(FREE, "what is logged, evaluated or saved, and how often",
           ("train.log_every", "eval.every_steps", "eval.split", "eval.generate.*",
            "eval.sample_tokens", "eval.sample_prompt", "eval.sample_temperature",
-           "classify.top_k", "checkpoint.*", "metrics.*")),
+           "classify.top_k", "checkpoint.*", "metrics.*", "profile.*")),
 )  # fmt: skip
 # A key of the user's own (a custom task's section): it may change what the checkpoints mean.
 UNKNOWN = Group(REFUSE, "jtrain does not know what this key means for a checkpoint", ())
