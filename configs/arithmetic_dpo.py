@@ -11,7 +11,7 @@ is taught to prefer the truth over exactly the errors it makes. The reference is
 
 import ml_collections
 
-from configs import arithmetic_sft
+from jtrain.configs import arithmetic_sft
 
 
 def get_config() -> ml_collections.ConfigDict:

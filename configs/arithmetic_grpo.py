@@ -12,7 +12,7 @@ are replaced by fresh ones, so every update has signal. Validation and test even
 
 import ml_collections
 
-from configs import arithmetic_sft
+from jtrain.configs import arithmetic_sft
 
 
 def get_config() -> ml_collections.ConfigDict:

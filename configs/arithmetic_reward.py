@@ -11,7 +11,7 @@ and GRPO can use it as a reward (grpo.rewards="reward_model:runs/arith/reward"):
 
 import ml_collections
 
-from configs import arithmetic_dpo
+from jtrain.configs import arithmetic_dpo
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -14,7 +14,7 @@ test questions.
 
 import ml_collections
 
-from configs import default
+from jtrain.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ starting weights at step 0, so metrics.jsonl holds the domain loss before and af
 
 import ml_collections
 
-from configs import default
+from jtrain.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

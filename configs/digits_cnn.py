@@ -12,7 +12,7 @@ images are still the same class.
 
 import ml_collections
 
-from configs import supervised
+from jtrain.configs import supervised
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ the CNN; it is here as the family to scale up on larger image sets.
 
 import ml_collections
 
-from configs import digits_cnn
+from jtrain.configs import digits_cnn
 
 
 def get_config() -> ml_collections.ConfigDict:

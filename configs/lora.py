@@ -14,7 +14,7 @@ Without init_from the adapters train on a randomly initialised base (a smoke tes
 
 import ml_collections
 
-from configs import sft
+from jtrain.configs import sft
 
 
 def get_config() -> ml_collections.ConfigDict:

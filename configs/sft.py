@@ -16,7 +16,7 @@ records), and with a Hugging Face tokenizer --config.data.chat_template=tokenize
 
 import ml_collections
 
-from configs import default
+from jtrain.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

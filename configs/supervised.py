@@ -5,7 +5,7 @@ digits_cnn.py, digits_vit.py, tabular_classify.py and tabular_regress.py.
 
 import ml_collections
 
-from configs import default
+from jtrain.configs import default
 
 
 def base(task: str, source: str, model: dict) -> ml_collections.ConfigDict:

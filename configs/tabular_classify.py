@@ -10,7 +10,7 @@ on the train split, and a `split` column (train/val/test) is used when the table
 
 import ml_collections
 
-from configs import supervised
+from jtrain.configs import supervised
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ Your own table: --config.data.source=csv:PATH --config.data.target=COLUMN.
 
 import ml_collections
 
-from configs import supervised
+from jtrain.configs import supervised
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,23 +1,31 @@
 """What every jtrain command does first: parse the flags with errors a user can read, refuse
-stray arguments, quiet absl's INFO logs."""
+stray arguments, quiet absl's INFO logs; and how each runs, from `python -m` or its console
+script (`jtrain-train`, ... in pyproject.toml)."""
 
 from __future__ import annotations
 
-import os
 import re
 import sys
+from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from jtrain import errors
+from jtrain import errors, recipes
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """Runs a command's `main` under absl with `parse_flags`; a UserError that `main` lets
+    through ends in one `error:` line."""
+    with errors.reported():
+        app.run(main, flags_parser=parse_flags)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, but a misspelled config key or a missing config file ends in one
-    `error:` line instead of a long traceback (ml_collections raises those while parsing)."""
-    missing = _missing_config_file(argv)
-    if missing:
-        _fail(f"--config={missing}: no such config file (the recipes are in configs/)")
+    `error:` line instead of a long traceback (ml_collections raises those while parsing), and
+    `--config` takes a recipe's name (`--config=default`) as well as a file."""
+    argv = _config_files_resolved(argv)
+    _short_help_lists_jtrain_flags()
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
@@ -34,17 +42,35 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _missing_config_file(argv: list[str]) -> str | None:
-    """The --config file named in argv when it does not exist (ml_collections would say so
-    only in a traceback, once main reads the flag)."""
-    for i, arg in enumerate(argv[1:], start=1):
-        value = arg.removeprefix("--config=") if arg.startswith("--config=") else None
-        if arg == "--config" and i + 1 < len(argv):
-            value = argv[i + 1]
-        path = value.split(":", 1)[0] if value else None
-        if path and not os.path.isfile(path):
-            return path
-    return None
+def _config_files_resolved(argv: list[str]) -> list[str]:
+    """argv with a `--config` recipe name replaced by the recipe's file, since ml_collections
+    reads a path (`--config=default` or `--config default`)."""
+    out = list(argv)
+    for i in range(1, len(argv)):
+        if argv[i].startswith("--config="):
+            out[i] = "--config=" + _config_file(argv[i].removeprefix("--config="))
+        elif argv[i] == "--config" and i + 1 < len(argv):
+            out[i + 1] = _config_file(argv[i + 1])
+    return out
+
+
+def _config_file(value: str) -> str:
+    """The file `--config=value` means; a value naming neither a file nor a recipe ends here,
+    in one line (ml_collections would say so only in a traceback, once main reads the flag)."""
+    path = recipes.resolve(value)
+    if path is None:
+        _fail(f"--config={value}: {recipes.no_such_config()}")
+    return path
+
+
+def _short_help_lists_jtrain_flags() -> None:
+    """A console script imports its command by module name, and absl's --helpshort lists only
+    the flags of the module sys.argv[0] names (the script): make jtrain's flags the script's."""
+    main = sys.argv[0]
+    for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
+        if module.startswith("jtrain.") and module != main:
+            for flag in module_flags:
+                flags.FLAGS.register_key_flag_for_module(main, flag)
 
 
 def _config_flag_problem(err: Exception) -> str:

@@ -10,12 +10,11 @@ import importlib.util
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping
 
 import ml_collections
 
-from jtrain import atomic, early_stopping, models, optim, pretrained, tasks
+from jtrain import atomic, console, early_stopping, models, optim, pretrained, recipes, tasks
 from jtrain.data import pipeline
 from jtrain.mesh import parse_rules
 from jtrain.models import lora
@@ -48,7 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         task_class.validate(config)  # e.g. the vocabulary, the chat template
         _schedule_by_epochs(config, task)
         for note in optim.validate(config):
-            print(f"jtrain: {note}", flush=True)
+            console.status(f"jtrain: {note}")
     except ConfigError:
         raise
     except ValueError as err:  # the data package names its keys without "config."
@@ -141,7 +140,7 @@ def _schedule_by_epochs(config, task) -> None:
             ck.every_steps, ck.keep_best = every, True
             changes.append(f"checkpoint.every_steps={every} and keep_best=True (early stopping)")
     for change in changes:
-        print(f"jtrain: {change}", flush=True)
+        console.status(f"jtrain: {change}")
 
 
 def prepare(config: ml_collections.ConfigDict) -> list[str]:
@@ -174,15 +173,15 @@ def save_json(config: ml_collections.ConfigDict | Mapping, workdir: str) -> str:
 
 
 def load(path: str) -> ml_collections.ConfigDict:
-    """Loads `get_config()` from a config file, as --config does (for notebooks and tests)."""
-    # Variants import their base as `from configs import default`: make the folder that holds
-    # configs/ importable, wherever the caller runs from.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location("jtrain_config_file", path)
+    """Loads `get_config()` from a config file or a recipe's name (`load("default")`), `:ARG`
+    included, as --config does (for notebooks and tests)."""
+    resolved = recipes.resolve(path)
+    if resolved is None:
+        raise ConfigError(f"{path!r}: {recipes.no_such_config()}")
+    file, colon, arg = resolved.partition(":")
+    spec = importlib.util.spec_from_file_location("jtrain_config_file", file)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load a config from {path!r}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg) if colon else module.get_config()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from jtrain import cli, errors
 from jtrain.data import tokenizers
@@ -105,7 +105,12 @@ def main(argv: list[str]) -> None:
     print(f"jtrain: exported {f.workdir} as a {family} model to {f.to_hf}")
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `jtrain-export` command (python -m jtrain.export)."""
     _define_flags()
     flags.mark_flags_as_required(["workdir", "to_hf"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

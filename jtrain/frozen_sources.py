@@ -15,7 +15,7 @@ import os
 
 import jax
 
-from jtrain import atomic, checkpoint, pretrained
+from jtrain import atomic, checkpoint, console, pretrained
 from jtrain.checkpoint import CheckpointError
 
 FILE = "frozen_sources.json"
@@ -39,11 +39,15 @@ def committed_steps(directory: str) -> list[int]:
 def version(spec: str, step: int | None = None) -> dict:
     """What tells apart the weights a spec names, read without loading them.
 
-    An hf: directory: its weight files' sizes and modification times. A jtrain run: the
-    checkpoint step (the newest, unless given) and the time Orbax committed it, which a
-    rewritten checkpoint of the same step does not share.
+    An hf: directory: its weight files' sizes and modification times. A Hub model: the commit
+    its revision names (immutable on the Hub). A jtrain run: the checkpoint step (the newest,
+    unless given) and the time Orbax committed it, which a rewritten checkpoint of the same
+    step does not share.
     """
     if pretrained.is_hf(spec):
+        snapshot = pretrained.hub_snapshot(spec)
+        if snapshot is not None:
+            return {"commit": snapshot.commit}
         path = pretrained.hf_path(spec)
         names = [n for n in os.listdir(path) if n == "config.json" or n.endswith(_WEIGHT_FILES)]
         return {n: _stamp(os.path.join(path, n)) for n in sorted(names)}
@@ -85,10 +89,9 @@ def pin(exp, workdir: str, *, has_checkpoints: bool) -> None:
     recorded = read(workdir)
     if recorded is None or not has_checkpoints:  # nothing trained on them yet: pin them now
         if recorded is None and has_checkpoints:
-            print(
+            console.status(
                 f"jtrain: note: {workdir} was trained before frozen sources were pinned; "
-                "pinning them as they are now (an earlier change cannot be detected)",
-                flush=True,
+                "pinning them as they are now (an earlier change cannot be detected)"
             )
         recorded = {name: {"spec": spec, "version": version(spec)} for name, spec in specs.items()}
         if jax.process_index() == 0:
@@ -133,6 +136,14 @@ def _changed(spec: str, pinned: dict) -> str | None:
     """What changed in the weights `spec` names since `pinned` was recorded, or None."""
     if pretrained.is_hf(spec):
         now = version(spec)
+        if now != pinned and "commit" in now and "commit" in pinned:
+            # The Hub keeps every commit: naming the pinned one brings those weights back.
+            repo_id, revision = pretrained.hub_id(spec)
+            return (
+                f"its revision {revision!r} now names commit {now['commit']}, not "
+                f"{pinned['commit']}; to go on with those weights, name that commit: "
+                f"hf:{repo_id}@{pinned['commit']}"
+            )
         if now != pinned:
             changed = sorted(n for n in now.keys() | pinned.keys() if now.get(n) != pinned.get(n))
             return f"its files changed since ({', '.join(changed)})"

@@ -1,6 +1,7 @@
 r"""Completes a JSON Lines file of prompts with a trained run or a Hugging Face model.
 
-    python -m jtrain.generate --model=RUN_DIR|hf:PATH --prompts=IN.jsonl --output=OUT.jsonl \
+    python -m jtrain.generate --model=RUN_DIR|hf:PATH|hf:ORG/NAME[@REVISION] \
+        --prompts=IN.jsonl --output=OUT.jsonl \
         [--max_new_tokens=N --temperature=T --top_k=K --top_p=P --seed=S --batch_size=B --step=N]
 
 Each input line holds one of `{"prompt": text}` (encoded after BOS), `{"messages": [{"role":
@@ -26,11 +27,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from jtrain import checkpoint, cli, pretrained, runs
 from jtrain.data import readers, tokenizers
+from jtrain.interop import hub
 from jtrain.models import int8
 from jtrain.sampler import Completion, Sampler
 from jtrain.tasks import chat
@@ -187,8 +189,9 @@ def _has_chat_template(directory: str) -> bool:
 
 
 def load(spec: str, *, step: int | None = None, quantize: str = "none") -> Generator:
-    """The model `spec` names (a jtrain run directory or hf:PATH) with its tokenizer and template,
-    its weights in int8 with quantize="int8" (`jtrain.models.int8.quantize`).
+    """The model `spec` names (a jtrain run directory, hf:PATH, or a Hub model,
+    hf:org/name[@revision], read through the Hub's cache) with its tokenizer and template, its
+    weights in int8 with quantize="int8" (`jtrain.models.int8.quantize`).
 
     A run brings its own `data.tokenizer` and `data.chat_template` (a LoRA run comes merged);
     a Hugging Face directory its tokenizer files (byte ids when it has none, as a run started
@@ -219,9 +222,10 @@ def load(spec: str, *, step: int | None = None, quantize: str = "none") -> Gener
         model = hf.load_model(path)
     else:
         if not os.path.isdir(spec):
+            hint = f" (for a Hub model: --model=hf:{spec})" if hub.parse(spec) else ""
             raise ValueError(
                 f"--model={spec!r} is neither a directory nor hf:PATH; give a jtrain run "
-                "directory or hf: and a Hugging Face model directory"
+                f"directory, or hf: and a Hugging Face model directory or Hub id{hint}"
             )
         config = runs.run_config(spec)
         tokenizer_spec, template = str(config.data.tokenizer), str(config.data.chat_template)
@@ -327,7 +331,9 @@ def _write_completions(generator, prompts, out, settings, report) -> Summary:
 
 def define_model_flags() -> None:
     """--model, --step and --quantize: how jtrain.generate and jtrain.serve name a model."""
-    flags.DEFINE_string("model", None, "A jtrain run directory, or hf:PATH.")
+    flags.DEFINE_string(
+        "model", None, "A jtrain run directory, hf:PATH or a Hub model, hf:org/name[@revision]."
+    )
     flags.DEFINE_integer("step", None, "The run's checkpoint step (default: the latest).")
     flags.DEFINE_enum("quantize", "none", QUANTIZE, "Weights in int8 (per channel).")
 
@@ -366,7 +372,12 @@ def main(argv: list[str]) -> None:
     print(f"jtrain: generated {summary.generated} lines to {f.output} ({summary.skipped} skipped)")
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `jtrain-generate` command (python -m jtrain.generate)."""
     _define_flags()
     flags.mark_flags_as_required(["model", "prompts", "output"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

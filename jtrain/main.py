@@ -1,12 +1,16 @@
-"""Command-line entry point: python -m jtrain.main --config=configs/NAME.py --workdir=DIR."""
+"""Command-line entry point: python -m jtrain.main (or jtrain-train) --config=configs/NAME.py
+--workdir=DIR; --config=NAME names a recipe that ships with jtrain (jtrain.recipes)."""
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jtrain import cli, distributed, errors, run
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/NAME.py[:ARG]).", lock_config=True
+    "config",
+    None,
+    "A config file (configs/NAME.py[:ARG]) or a recipe's name (default, lora, ...).",
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and checkpoints.")
 _MODE = flags.DEFINE_enum(
@@ -37,5 +41,10 @@ def main(argv: list[str]) -> None:
             run.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
 
 
+def command() -> None:
+    """The `jtrain-train` command: `python -m jtrain.main` as a console script."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    command()

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from jtrain import atomic, checkpoint, cli, runs, tasks
@@ -240,7 +240,12 @@ def main(argv: list[str]) -> None:
     )
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `jtrain-predict` command (python -m jtrain.predict)."""
     _define_flags()
     flags.mark_flags_as_required(["workdir", "input", "output"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

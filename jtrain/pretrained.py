@@ -1,10 +1,12 @@
-"""Pre-trained weights for `model.init_from`: a jtrain run or a Hugging Face model directory.
+"""Pre-trained weights for `model.init_from`: a jtrain run or a Hugging Face model.
 
 `load(spec, abstract_params)` reads parameters only (never optimizer or data state) straight
 into the shardings that `abstract_params` carries. `spec` is a jtrain workdir or
-`checkpoints/` directory, or `hf:PATH` for a local Hugging Face directory (config.json +
-safetensors). Passing a subtree of the model's parameters loads just those (a LoRA run loads
-its frozen base this way; the adapters start fresh).
+`checkpoints/` directory, or `hf:` and a Hugging Face model (config.json + safetensors): a local
+directory (`hf:PATH`), or a Hub id (`hf:org/name[@revision]`) resolved through the Hub's cache
+(`jtrain.interop.hub`). An existing local directory wins over a Hub id of the same name.
+Passing a subtree of the model's parameters loads just those (a LoRA run loads its frozen base
+this way; the adapters start fresh).
 """
 
 from __future__ import annotations
@@ -16,26 +18,46 @@ import jax
 from flax import nnx
 
 from jtrain.errors import DataError
+from jtrain.interop import hub
 
 HF_PREFIX = "hf:"
 
 
 def is_hf(spec: str) -> bool:
-    """True for `hf:PATH` specs."""
+    """True for `hf:` specs (a local directory or a Hub id)."""
     return spec.startswith(HF_PREFIX)
 
 
+def hub_id(spec: str) -> tuple[str, str] | None:
+    """(repo id, revision) of an hf: spec naming a Hub model: `org/name[@revision]` that is not
+    an existing local directory; None for a local directory (reads nothing but the path)."""
+    target = spec[len(HF_PREFIX) :]
+    return None if os.path.isdir(os.path.expanduser(target)) else hub.parse(target)
+
+
+def hub_snapshot(spec: str) -> hub.Snapshot | None:
+    """The Hub cache's snapshot an hf: spec resolves to (fetched once per process where it is
+    missing), or None for a local directory; a HubError says how to get a missing model."""
+    repo = hub_id(spec)
+    return None if repo is None else hub.snapshot(*repo)
+
+
 def hf_path(spec: str) -> str:
-    """The directory of an `hf:PATH` spec."""
-    return os.path.expanduser(spec[len(HF_PREFIX) :])
+    """The local directory an hf: spec names: the directory itself, or its Hub snapshot."""
+    snapshot = hub_snapshot(spec)
+    return os.path.expanduser(spec[len(HF_PREFIX) :]) if snapshot is None else snapshot.path
 
 
 def check(spec: str) -> str | None:
-    """What is wrong with an init_from spec (cheap: no weights read), or None if it can work."""
+    """What is wrong with an init_from spec, or None if it can work (no weights are read; a Hub
+    model the cache lacks is downloaded, once per process)."""
     if not spec:
         return None
     if is_hf(spec):
-        path = hf_path(spec)
+        try:
+            path = hf_path(spec)
+        except hub.HubError as err:
+            return str(err)
         if not os.path.isfile(os.path.join(path, "config.json")):
             return f"{path!r} is not a Hugging Face model directory (no config.json)"
         from jtrain.interop import safetensors_io
@@ -46,7 +68,11 @@ def check(spec: str) -> str | None:
             return str(err).rstrip(".")
         return None
     if not os.path.isdir(spec):
-        return "no such directory; give a jtrain workdir, its checkpoints/ directory or hf:PATH"
+        hint = f" (for a Hub model: hf:{spec})" if hub.parse(spec) else ""
+        return (
+            "no such directory; give a jtrain workdir, its checkpoints/ directory, hf:PATH or "
+            f"hf:org/name[@revision]{hint}"
+        )
     return None
 
 
@@ -60,17 +86,24 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 def apply_architecture(config) -> list[str]:
     """Sets `config.model`'s architecture keys from an hf: init_from's config.json, and
-    `data.tokenizer` to that directory when it is left at "byte" and the directory has one.
+    `data.tokenizer` to that directory (a Hub model: its snapshot) when it is left at "byte"
+    and the directory has one.
 
     Returns `KEY: old -> new` for every key that changed (nothing for other specs).
     Raises ValueError for a directory whose architecture jtrain cannot express.
     """
     spec = config.model.init_from
-    if not is_hf(spec) or not os.path.isfile(os.path.join(hf_path(spec), "config.json")):
+    if not is_hf(spec):
+        return []
+    try:
+        path = hf_path(spec)
+    except hub.HubError:
+        return []  # validation reports it
+    if not os.path.isfile(os.path.join(path, "config.json")):
         return []  # validation reports a missing directory
     from jtrain.interop import hf_config
 
-    _, architecture = hf_config.config_from_hf(hf_config.read_config_json(hf_path(spec)))
+    _, architecture = hf_config.config_from_hf(hf_config.read_config_json(path))
     changes = []
     for field in dataclasses.fields(architecture):
         name, value = field.name, getattr(architecture, field.name)
@@ -78,7 +111,6 @@ def apply_architecture(config) -> list[str]:
             continue
         changes.append(f"model.{name}: {config.model[name]!r} -> {value!r}")
         config.model[name] = value
-    path = hf_path(spec)
     has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
     if config.data.tokenizer == "byte" and has_tokenizer:
         # Byte ids fed to a model trained on another vocabulary would train silently on noise.

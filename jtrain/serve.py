@@ -1,15 +1,15 @@
 r"""Serves a jtrain run or a Hugging Face model over OpenAI's HTTP API.
 
-    python -m jtrain.serve --model=RUN_DIR|hf:PATH [--host=127.0.0.1 --port=8000 \
-        --quantize=none|int8 --max_batch=16 --step=N --served_model_name=NAME]
+    python -m jtrain.serve --model=RUN_DIR|hf:PATH|hf:ORG/NAME[@REVISION] [--host=127.0.0.1 \
+        --port=8000 --quantize=none|int8 --max_batch=16 --step=N --served_model_name=NAME]
 
 Routes: `POST /v1/completions` (prompt: text, encoded after BOS, or token ids),
 `POST /v1/chat/completions` (messages rendered with the model's chat template), `GET /v1/models`
-(one model, named after the --model directory or --served_model_name) and `GET /health`; the
-official `openai` clients work unchanged. Supported request fields: model, prompt/messages,
-max_tokens (chat: or max_completion_tokens), temperature (0 = greedy), top_p, stop (strings
-that are one token each), seed, stream and stream_options.include_usage; n must be 1. A bad
-request gets a 4xx and OpenAI's error body, naming the field and what is allowed.
+(one model, named --served_model_name, else after --model's Hub id or directory) and
+`GET /health`; the official `openai` clients work unchanged. Supported request fields: model,
+prompt/messages, max_tokens (chat: or max_completion_tokens), temperature (0 = greedy), top_p,
+stop (strings that are one token each), seed, stream and stream_options.include_usage; n must
+be 1. A bad request gets a 4xx and OpenAI's error body, naming the field and what is allowed.
 
 Concurrent requests are decoded together: one worker thread takes up to --max_batch waiting
 requests and runs one `jtrain.sampler.Sampler.generate` over them, each row with its own
@@ -27,7 +27,7 @@ import os
 import sys
 
 import uvicorn
-from absl import app, flags
+from absl import flags
 
 from jtrain import checkpoint, cli, generate, pretrained
 from jtrain.serving.app import create_app
@@ -48,7 +48,11 @@ def _define_flags() -> None:
 
 
 def model_name(spec: str) -> str:
-    """The API's name for the model `spec` names: its directory's last part."""
+    """The API's name for the model `spec` names: a Hub model's id (org/name, as vLLM names
+    it), else its directory's last part."""
+    repo = pretrained.hub_id(spec) if pretrained.is_hf(spec) else None
+    if repo is not None:
+        return repo[0]
     path = pretrained.hf_path(spec) if pretrained.is_hf(spec) else spec
     return os.path.basename(os.path.normpath(path))
 
@@ -68,7 +72,12 @@ def main(argv: list[str]) -> None:
     )
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `jtrain-serve` command (python -m jtrain.serve)."""
     _define_flags()
     flags.mark_flags_as_required(["model"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from jtrain import errors
+from jtrain import cli, errors
 from jtrain.data import cleaning, dedup, prepared_output, readers, sources, tokenizers
 
 BAD_KINDS = ("malformed", "invalid_utf8", "missing_field", "non_string", "empty")
@@ -374,6 +374,11 @@ def _prepare_from_flags(f) -> dict:
     )
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `jtrain-prepare` command (python -m jtrain.data.prepare)."""
     _define_flags()
-    app.run(main)
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

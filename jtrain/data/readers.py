@@ -11,7 +11,8 @@ not dropped here: it comes out with `error` set ("malformed", "invalid_utf8") an
 (corrupt, truncated) raises a `DataError` naming it. Bytes are decoded with errors="strict"
 (a codec's silent replacement would hide invalid UTF-8), Parquet strings checked likewise.
 `iter_records` (for `jtrain.data.prepare`) builds on it: one text per record, taken from
-`text_field`, with `ERRORS` naming why a record has none.
+`text_field`, with `ERRORS` naming why a record has none. Parquet and .zst need the
+`prepare` extra (pyarrow, zstandard), imported on use.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import io
 import itertools
 import json
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from jtrain import extras
 from jtrain.errors import DataError
 
 ERRORS = ("malformed", "invalid_utf8", "missing_field", "non_string")
@@ -110,8 +113,7 @@ def open_binary(path: str) -> BinaryIO:
     if compression == "gzip":
         return gzip.open(path, "rb")
     if compression == "zstd":
-        import zstandard
-
+        zstandard = extras.need("zstandard", extra="prepare", use="reading .zst files")
         raw = open(path, "rb")  # noqa: SIM115 - closed with the reader below
         reader = zstandard.ZstdDecompressor().stream_reader(
             raw, read_across_frames=True, closefd=True
@@ -207,9 +209,9 @@ def _text_rows(
 
 
 def _parquet_rows(path: str, columns: list[str] | None) -> Iterator[Row]:
+    pq = extras.need("pyarrow.parquet", extra="prepare", use="reading Parquet files")
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     if _split_compression(path)[1] is not None:
         raise ValueError(f"{path}: Parquet compresses internally; decompress the file first.")
@@ -300,21 +302,29 @@ def iter_file_rows(
 def _file_errors_named(path: str, kind: str, rows: Iterator[Row]) -> Iterator[Row]:
     """Re-raises a file that cannot be read on (corrupt, truncated) as a DataError naming it
     and the line it broke off after."""
-    import pyarrow as pa
-    import zstandard
-
     line = 0
     try:
         for row in rows:
             line = row.line
             yield row
-    except (OSError, EOFError, zlib.error, zstandard.ZstdError, pa.ArrowException) as e:
+    except _read_errors() as e:
         after = f" after line {line}" if line else ""
         error = "zlib.error" if isinstance(e, zlib.error) else type(e).__name__
         raise DataError(
             f"{path}: cannot read it as {kind}{after} ({error}: {e}); is it "
             "truncated, corrupt or misnamed? Fix or remove it, or set the format explicitly."
         ) from e
+
+
+def _read_errors() -> tuple[type[Exception], ...]:
+    """What reading a broken file raises: zstandard's and pyarrow's errors only where they
+    are imported, since they are optional (and a file read with them has imported them)."""
+    kinds = [OSError, EOFError, zlib.error]
+    if sys.modules.get("zstandard") is not None:
+        kinds.append(sys.modules["zstandard"].ZstdError)
+    if sys.modules.get("pyarrow") is not None:
+        kinds.append(sys.modules["pyarrow"].ArrowException)
+    return tuple(kinds)
 
 
 def _text_record(row: Row, text_field: str) -> Record:

@@ -4,7 +4,8 @@ CSV is read with pyarrow's reader, every cell as text; Parquet with `readers.ite
 every cell a Python value. The rows of several files are pooled, a column a file lacks being
 None there. A CSV line with the wrong number of cells or invalid UTF-8 is skipped and counted
 with its "file:row". CSV rows are numbered as pyarrow does, the header being row 1: the line
-number unless there are blank lines or line breaks inside quoted cells.
+number unless there are blank lines or line breaks inside quoted cells. pyarrow comes with
+the `prepare` extra.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import csv
 import dataclasses
 import itertools
 
+from jtrain import extras
 from jtrain.data import readers
 from jtrain.data.records import Skipped
 
@@ -28,8 +30,7 @@ class Table:
 def header(kind: str, path: str) -> list[str]:
     """The column names of one file, read without reading its rows."""
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
+        pq = extras.need("pyarrow.parquet", extra="prepare", use="reading Parquet tables")
         try:
             return list(pq.read_schema(path).names)
         except Exception as err:  # pyarrow raises several kinds for a file that is not Parquet
@@ -78,8 +79,8 @@ def _parquet_columns(path: str, names: list[str]) -> Table:
 
 def _csv_columns(path: str, names: list[str], skipped: Skipped) -> Table:
     """One CSV file as text cells; ragged rows and invalid UTF-8 go to `skipped`."""
+    pacsv = extras.need("pyarrow.csv", extra="prepare", use="reading CSV tables")
     import pyarrow as pa
-    import pyarrow.csv as pacsv
 
     ragged = []
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from jtrain import cli
 from jtrain.data import readers
 from jtrain.data import tokenizers as jtokenizers
 
@@ -208,6 +209,11 @@ def main(argv: Sequence[str]) -> None:
     print(summary, flush=True)
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `jtrain-train-tokenizer` command (python -m jtrain.data.train_tokenizer)."""
     _define_flags()
-    app.run(main)
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    command()
