@@ -33,7 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jtrain import checkpoint_faults, checkpoint_integrity, packed_state
+from jtrain import checkpoint_faults, checkpoint_integrity, console, packed_state
 from jtrain.checkpoint_faults import damage, newest_readable, on_every_process
 from jtrain.errors import UserError
 from jtrain.models.transformer import HEAD_PARAMS
@@ -256,7 +256,7 @@ class Checkpoints:
                         f"{damage(self.directory, [(step, why)])} and could not be moved "
                         f"aside ({err}); move it out of {self.directory}, then run again."
                     ) from err
-                print(f"jtrain: moved the damaged checkpoint of step {step} to {where}")
+                console.status(f"jtrain: moved the damaged checkpoint of step {step} to {where}")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("damaged checkpoints moved aside")
         self.manager.reload()

@@ -16,7 +16,7 @@ import os
 
 import jax
 
-from jtrain import atomic, checkpoint, metrics
+from jtrain import atomic, checkpoint, console, metrics
 from jtrain.hooks import Evaluate, Hook
 from jtrain.state import TrainState
 from jtrain.validation import ConfigError, one_of, require
@@ -72,10 +72,9 @@ class EarlyStopping(Hook):
                     self.history[event["step"]] = event[self.settings.metric]
         record = read_record(loop.workdir)
         if record and record.get("stopped") and record.get("stopped_at") == step:
-            print(
+            console.status(
                 f"jtrain: this run stopped early at step {step} ({record['reason']}); "
-                "nothing left to train",
-                flush=True,
+                "nothing left to train"
             )
             loop.stop(record["reason"])
 
@@ -126,7 +125,7 @@ class EarlyStopping(Hook):
             abstract = loop.exp.abstract_sharded_state().checkpointed()
             restored, _, _ = self.ckpts.restore_latest(abstract, step=best)
             state = restored.replace(frozen=state.frozen)
-            print(f"jtrain: restored the best checkpoint, step {best}", flush=True)
+            console.status(f"jtrain: restored the best checkpoint, step {best}")
         loop.final_step = best if best is not None else loop.end_step
         if jax.process_index() == 0:
             self._write_record(loop, best)

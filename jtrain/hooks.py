@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jtrain import checkpoint, metrics, text_scores
+from jtrain import checkpoint, console, metrics, text_scores
 from jtrain.data import pipeline
 from jtrain.errors import DataError
 from jtrain.experiment import Experiment
@@ -154,10 +154,9 @@ def saved_if_failing(loop, step: int, state: TrainState):
                 hook.run(loop, step, state)
                 hook.ckpts.wait()
                 if step in hook.ckpts.steps():  # not when the state was non-finite
-                    print(
+                    console.status(
                         f"jtrain: the evaluation after step {step} failed; step {step} is saved "
-                        f"in {hook.ckpts.directory}, where a run started again resumes",
-                        flush=True,
+                        f"in {hook.ckpts.directory}, where a run started again resumes"
                     )
         raise
 
@@ -196,7 +195,7 @@ class FinalEvaluate(Evaluate):
         if done is None:
             self.evaluate(loop, loop.final_step, state)
             return
-        print(already_evaluated(self.split, done), flush=True)
+        console.status(already_evaluated(self.split, done))
         loop.results[self.split] = {k: v for k, v in done.items() if k not in ("step", "split")}
 
 

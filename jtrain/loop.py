@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import jax
 import ml_collections
 
-from jtrain import checkpoint, metrics
+from jtrain import checkpoint, console, metrics
 from jtrain.errors import UserError
 from jtrain.experiment import Experiment
 from jtrain.hooks import Hook
@@ -102,6 +102,12 @@ class Loop:
     def run(self, state: TrainState, first_step: int, preemption) -> tuple[TrainState, bool]:
         """Runs steps first_step+1 .. train.steps (or until a hook stops the run), then lets
         the hooks pick the final weights and finish; returns them and whether preempted."""
+        try:
+            return self._run(state, first_step, preemption)
+        finally:  # an error's message, too, starts below the progress bar, not after it
+            console.close()
+
+    def _run(self, state: TrainState, first_step: int, preemption) -> tuple[TrainState, bool]:
         self.end_step = self.final_step = first_step
         for hook in self.hooks:
             hook.on_start(self, state, first_step)
@@ -123,7 +129,9 @@ class Loop:
         skipped = int(jax.device_get(state.skipped))
         if skipped:
             steps = int(jax.device_get(state.step))
-            print(f"jtrain: warning: {skipped} of {steps} updates were skipped (non-finite)")
+            console.status(
+                f"jtrain: warning: {skipped} of {steps} updates were skipped (non-finite)"
+            )
             self.writer.write(self.end_step, "train", {"skipped_updates": skipped})
             self.results.setdefault("train", {})["skipped_updates"] = skipped
 
@@ -135,7 +143,9 @@ class Loop:
             batch = self.batches.next(state)
             if train_step is None:
                 train_step = self._compile(state, batch, step)
-            state, step_metrics = train_step(state, batch)
+            # Marks the step in a profiler trace (profile.steps): XProf's step-time view.
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, step_metrics = train_step(state, batch)
             step_metrics = {**step_metrics, **_source_metrics(self.batches)}
             if previous is not None:
                 self._finish(*previous)
@@ -151,14 +161,13 @@ class Loop:
             self.throughput.restart(step)  # evaluation and saving are not throughput
             if preempted:
                 self.ckpts.wait()
-                print(
+                console.status(
                     f"jtrain: preempted; saved step {step} in {self.ckpts.directory}; "
-                    "run the same command again to resume",
-                    flush=True,
+                    "run the same command again to resume"
                 )
                 return state, True
             if self.stop_reason is not None:
-                print(f"jtrain: stopped at step {step}: {self.stop_reason}", flush=True)
+                console.status(f"jtrain: stopped at step {step}: {self.stop_reason}")
                 return state, False
         if previous is not None:  # no hook was due after the last step
             self._finish(*previous)
@@ -184,6 +193,6 @@ class Loop:
                     f"Last good checkpoint: {where}. Lower optimizer.lr, check the data, or set "
                     "--config.train.on_nonfinite=skip to drop such steps and go on."
                 )
-            print(f"warning: non-finite loss or gradient at step {step}; update skipped")
+            console.status(f"warning: non-finite loss or gradient at step {step}; update skipped")
         for hook in self.hooks:
             hook.on_step(self, step, step_metrics)

@@ -1,8 +1,9 @@
 """Throughput accounting (peak FLOP/s, MFU) and the metric writers of a run.
 
 `MetricWriter` owns the workdir's `metrics.jsonl` (one exact JSON line per logged event) and
-`tensorboard/` event files, and prints one compact line per event. `read_metrics` parses the
-JSONL back, so tests and benchmarks compare runs float for float.
+`tensorboard/` event files, and prints one compact line per event (through `jtrain.console`,
+which keeps a progress bar below it or adds the time left to train lines). `read_metrics`
+parses the JSONL back, so tests and benchmarks compare runs float for float.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from jtrain import console
 
 # Dense bf16 peak FLOP/s per chip, keyed by a lowercase substring of `Device.device_kind`.
 # The longest matching key wins: JAX calls v5e "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite".
@@ -275,7 +278,8 @@ class MetricWriter:
             sink.write(step, split, values)
         if self._log_to_stdout:
             fields = [f"{name} {_format(name, value)}" for name, value in values.items()]
-            print(" | ".join([f"step {step:>5}", split, *fields]), flush=True)
+            # Through the console: around a progress bar, with its time left in log mode.
+            console.metric(step, split, " | ".join([f"step {step:>5}", split, *fields]))
 
     def flush(self) -> None:
         """Pushes buffered JSONL lines and TensorBoard events to disk."""

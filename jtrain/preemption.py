@@ -17,6 +17,8 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
+from jtrain import console
+
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
@@ -55,7 +57,9 @@ class Preemption:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             quit_now = " (Ctrl-C to quit at once, without saving)"
         # os.write, not print: a handler that prints while the main thread is printing
-        # fails with "reentrant call" on the stdout buffer.
+        # fails with "reentrant call" on the stdout buffer. The progress bar's line is erased
+        # first, so the message does not land at its end.
+        console.erase_from_signal_handler()
         os.write(
             2,
             f"jtrain: {_NAMES[signum]} received: finishing this step, saving a checkpoint, "

@@ -32,7 +32,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jtrain import atomic, checkpoint_faults, early_stopping, frozen_sources, tasks, workdir_lock
+from jtrain import (
+    atomic,
+    checkpoint_faults,
+    console,
+    early_stopping,
+    frozen_sources,
+    tasks,
+    wandb_sink,
+    workdir_lock,
+)
 from jtrain import config as config_lib
 from jtrain import workdir_guard as rules
 from jtrain.checkpoint import CheckpointError
@@ -61,6 +70,8 @@ OWN_NAMES = frozenset(
         frozen_sources.FILE,
         CHANGES,
         workdir_lock.FILE,
+        wandb_sink.RUN_FILE,
+        wandb_sink.LOCAL_DIR,
     }
 )
 # Kept when another run is replaced: the lock is this run's, and damaged checkpoints are
@@ -195,10 +206,9 @@ def _check_checkpoints(workdir: str, config: dict, artifacts: tuple[str, ...]) -
         _replace_previous_run(workdir, artifacts)
         return
     if config["checkpoint"]["overwrite"]:
-        print(
+        console.status(
             "jtrain: checkpoint.overwrite=True, but the checkpoints in the workdir are this "
-            "run's own (nothing that decides what they mean changed): resuming from them",
-            flush=True,
+            "run's own (nothing that decides what they mean changed): resuming from them"
         )
     recorded = [c for c in found if c.group.rule == rules.RECORD]
     if recorded:
@@ -232,10 +242,9 @@ def _saved_config(workdir: str) -> dict | None:
     saved, step = _config_in_checkpoints(os.path.join(workdir, CHECKPOINTS))
     if saved is not None:
         config_lib.save_json(saved, workdir)
-        print(
+        console.status(
             f"jtrain: {path} was missing or unreadable: restored it from the config saved "
-            f"with checkpoint {step}",
-            flush=True,
+            f"with checkpoint {step}"
         )
     return saved
 
@@ -268,10 +277,9 @@ def _replace_previous_run(workdir: str, artifacts: tuple[str, ...]) -> None:
             shutil.rmtree(path)
         else:
             os.remove(path)
-    print(
+    console.status(
         f"jtrain: checkpoint.overwrite=True: deleted the previous run's {', '.join(gone)} "
-        f"from {workdir}",
-        flush=True,
+        f"from {workdir}"
     )
 
 
@@ -296,8 +304,7 @@ def _record(workdir: str, recorded: list[rules.Change]) -> None:
             f.write(before + json.dumps(entry) + "\n")
 
     atomic.write(path, write)  # a full disk leaves the earlier records whole
-    print(
+    console.status(
         f"jtrain: resuming with changed settings (recorded in {path}): "
-        + "; ".join(str(c) for c in recorded),
-        flush=True,
+        + "; ".join(str(c) for c in recorded)
     )

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jtrain import tasks
+from jtrain import console, tasks
 from jtrain.data import tokenizers
 from jtrain.models import lora
 from jtrain.models.transformer import TransformerConfig
@@ -283,4 +283,6 @@ class GRPOTask(LMTask):
         prompts = self.prompts("val")[:1]
         if prompts:
             [completion] = self.sample(model, prompts, 1, seed=0, greedy=True)
-            print(f"sample (greedy): {prompts[0].prompt!r} -> {self.completion_text(completion)!r}")
+            console.status(
+                f"sample (greedy): {prompts[0].prompt!r} -> {self.completion_text(completion)!r}"
+            )
