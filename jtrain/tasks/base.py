@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import numpy as np
 from flax import nnx, struct
 
 from jtrain.data import sources
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Batch = dict[str, jax.Array]
 
@@ -195,3 +198,8 @@ class Task:
 
     def show(self, model: nnx.Module) -> None:
         """Prints what a finished run produced (an LM prints a sample); nothing by default."""
+
+    def figures(self, workdir: str) -> dict[str, Figure]:
+        """Figures of a finished training run (a confusion matrix, say) by name, which process
+        0 saves as WORKDIR/plots/NAME.png next to curves.png; none by default."""
+        return {}
