@@ -14,11 +14,17 @@ import ml_collections
 from jtrain import (
     atomic,
     checkpoint,
+    console,
     early_stopping,
     frozen_sources,
     hooks,
     metrics,
+    plot_hook,
+    profiling,
+    progress,
     runs,
+    tb_config,
+    wandb_sink,
     workdir_claim,
 )
 from jtrain import config as config_lib
@@ -56,17 +62,17 @@ def _initial_state(
     if restored is not None:
         state, data_state, step = restored
         batches.set_state(data_state)
-        print(f"jtrain: resumed from {ckpts.directory} at step {step}", flush=True)
+        console.status(f"jtrain: resumed from {ckpts.directory} at step {step}")
         return state.replace(frozen=exp.rebuild_frozen()), step
     state = exp.init_state(base=exp.load_base())
     if init_from:
-        print(f"jtrain: parameters initialised from {init_from}", flush=True)
+        console.status(f"jtrain: parameters initialised from {init_from}")
     return state, 0
 
 
 def _prepare(config: ml_collections.ConfigDict) -> None:
     for change in config_lib.prepare(config):
-        print(f"jtrain: from {config.model.init_from}: {change}", flush=True)
+        console.status(f"jtrain: from {config.model.init_from}: {change}")
 
 
 def _hooks(exp: Experiment, ckpts: checkpoint.Checkpoints) -> list[hooks.Hook]:
@@ -75,6 +81,7 @@ def _hooks(exp: Experiment, ckpts: checkpoint.Checkpoints) -> list[hooks.Hook]:
     generate = hooks.GenerateEvaluate("val", c.eval.every_steps, c.eval.generate)
     stopping = early_stopping.Settings.from_config(c)
     return [
+        progress.Progress(c.train.steps),  # first: it notes a step before its log line
         val,
         *([generate] if c.eval.generate.examples else []),
         *([early_stopping.EarlyStopping(stopping, val, ckpts)] if stopping else []),
@@ -82,6 +89,9 @@ def _hooks(exp: Experiment, ckpts: checkpoint.Checkpoints) -> list[hooks.Hook]:
         hooks.FinalEvaluate("test"),  # the test split: once, at the end
         hooks.TrainLog(c.train.log_every, c.train.steps),
         hooks.Display(),
+        tb_config.ConfigSummary(),  # the config in TensorBoard's Text and HParams tabs
+        *profiling.hooks(c),  # profile.steps > 0: a trace of those steps
+        plot_hook.Plots(),  # last: plots/ from every event the others logged
     ]
 
 
@@ -116,6 +126,7 @@ def train_and_evaluate(
     """
     started = time.perf_counter()
     _prepare(config)
+    wandb_sink.check(config)  # a missing wandb package fails now, not after compiling
     with workdir_claim.claimed(workdir, config, task=task):  # refuses, or holds it to the end
         if jax.process_index() == 0:
             config_lib.save_json(config, workdir)
@@ -137,19 +148,20 @@ def _train(
     batches = exp.task.batch_source(exp, workdir) or _pipeline_batches(exp)
     state, first_step = _initial_state(exp, ckpts, batches)
     t = config.train
-    print(
+    console.status(
         f"jtrain: {exp.param_count():,} trained parameters"
         + (f", {exp.frozen_count():,} frozen" if exp.frozen_count() else "")
         + f", mesh {dict(exp.mesh.shape)}, "
-        f"steps {first_step + 1}..{t.steps} of {t.batch_size} examples",
-        flush=True,
+        f"steps {first_step + 1}..{t.steps} of {t.batch_size} examples"
     )
     # Signals are handled until the last file is closed: a Ctrl-C while closing quits quietly.
     with preemption_lib.Preemption() as preemption:
-        with metrics.MetricWriter(workdir) as writer:
+        sinks = wandb_sink.sinks(config, workdir, first_step)
+        with metrics.MetricWriter(workdir, sinks=sinks) as writer:
             _mark_resume(writer, workdir, first_step)
             loop = Loop(config, exp, batches, _hooks(exp, ckpts), writer, ckpts, started)
-            loop.run(state, first_step, preemption)
+            with profiling.stopped_on_exit(loop.hooks):  # a failed run's trace, too
+                loop.run(state, first_step, preemption)
         ckpts.close()
     return loop.results
 
@@ -176,7 +188,7 @@ def _evaluate(
     split = config.eval.split
     done = hooks.recorded_event(workdir, "test") if split == "test" else None
     if done is not None:  # the test split is touched once per run
-        print(hooks.already_evaluated(split, done), flush=True)
+        console.status(hooks.already_evaluated(split, done))
         return {k: v for k, v in done.items() if k not in ("step", "split")}
     exp = Experiment.from_config(config, task=task)
     exp.task.artifacts(exp, runs.saved_artifacts(workdir, exp.task))  # used, never saved here
