@@ -85,13 +85,15 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
         assert time.time() < deadline and all(p.poll() is None for p in procs), "no step 8"
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)  # a scheduler preempting one host
-    outs = _finish(procs)
-    saved = [re.search(r"preempted; saved step (\d+)", out) for out in outs]
-    assert all(saved), outs
-    step = int(saved[0].group(1))
-    assert int(saved[1].group(1)) == step and 8 <= step < 400
+    outs = _finish(procs)  # both exit 0: each took part in the same step's save
+    saved = re.search(r"preempted; saved step (\d+)", outs[0])
+    assert saved, outs[0]
+    step = int(saved.group(1))
+    assert 8 <= step < 400
     assert str(step) in os.listdir(tmp_path / "checkpoints")
+    # Status lines come from process 0 only: process 1 says nothing about the run.
+    assert "jtrain:" not in outs[1], outs[1]
     # Both processes resume from that step (train.steps may grow on resume).
     outs = _finish(_start_pair(tmp_path, f"--config.train.steps={step + 2}"))
-    assert all(f"at step {step}" in out for out in outs)
+    assert f"resumed from {tmp_path / 'checkpoints'} at step {step}" in outs[0], outs[0]
     assert max(train_losses(tmp_path)) == step + 2

@@ -38,11 +38,6 @@ BADGE = (
 # repository's root (the recipes in configs/ are read from there).
 INSTALL_STEPS = ('importlib.util.find_spec("jtrain") is None', "%pip install", "os.chdir(")
 PARAMETERS, INJECTED = "parameters", "injected-parameters"
-# Compiling dominates a notebook's CI time (tiny models, few steps): without LLVM's
-# optimisations XLA compiles a tiny train step in half the CPU time, which saves about 7 s per
-# notebook here (preference_and_rl, whose runs are longer, breaks even). What the notebooks
-# check holds at any optimisation level.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 # Each notebook's CI sizes: seconds on a 2-core CPU (tiny models, few steps).
 CI_PARAMETERS = {
@@ -167,7 +162,6 @@ def test_notebook_runs(path, kernel_specs, tmp_path):
         "JAX_PLATFORMS": "cpu",
         # Not conftest's 8: the notebooks are single-device demos (sharding.ipynb asks for 8).
         "JAX_NUM_CPU_DEVICES": "1",
-        "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILE]).strip(),
         "TMPDIR": str(tmp_path),  # what a notebook writes to tempfile goes with the test
     }
     try:

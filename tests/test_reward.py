@@ -100,5 +100,7 @@ def test_a_trained_reward_model_is_a_grpo_reward(reward_run):
     for completion, score in zip(["7", "8"], scores, strict=True):
         ids = np.concatenate([tok.encode("3+4=" + completion, add_eos=False), [tok.eos_id]])
         expected = reward.sequence_rewards(model, ids[None].astype(np.int32), np.array([ids.size]))
-        np.testing.assert_allclose(score, float(expected[0]), rtol=1e-5)
+        # The same f32 forward pass batched differently: the rounding of O(1) activations,
+        # so an absolute bound too (the score itself may be near 0).
+        np.testing.assert_allclose(score, float(expected[0]), rtol=1e-5, atol=1e-6)
     assert entry.weight == 2 and scores[0] != scores[1]

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtrain import tasks
+from jtrain import console, tasks
 from jtrain.data import sources
 from jtrain.data.array_rows import ArrayExamples
 from jtrain.models import lora
@@ -211,16 +211,15 @@ class DPOTask(SFTTask):
         saved = previous.get(REFERENCE_LOGPS)
         if saved is not None and saved.get("fingerprint") == fingerprint:
             self._ref_logps = dpo_reference.decode_logps(saved["logps"])
-            print(f"jtrain: reference log-probs reused from {REFERENCE_LOGPS}", flush=True)
+            console.status(f"jtrain: reference log-probs reused from {REFERENCE_LOGPS}")
             return {REFERENCE_LOGPS: saved}
         if saved is not None:
             now = json.loads(json.dumps(about, default=str))  # as JSON reads it back
             was = saved.get("about", {})
             changed = [_PARTS[part] for part in now if now[part] != was.get(part)] or ["inputs"]
-            print(
+            console.status(
                 f"jtrain: {REFERENCE_LOGPS} holds log-probs of other {' and '.join(changed)}: "
                 "computing them again",
-                flush=True,
             )
         self._ref_logps = dpo_reference.compute(self, exp, pairs)
         return {

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jtrain import frozen_sources, pretrained
+from jtrain import console, frozen_sources, pretrained
 from jtrain.data.array_rows import ArrayExamples
 from jtrain.models import lora
 from jtrain.tasks import preference_examples
@@ -57,10 +57,9 @@ def compute(task, exp, pairs) -> dict[tuple[str, str], np.ndarray]:
         out[key] = logps[: len(examples)].astype(np.float32)
     jax.tree.map(lambda x: x.delete(), weights)  # no reference is kept while training
     count = sum(len(v) for v in out.values())
-    print(
+    console.status(
         f"jtrain: reference log-probs of {count} pairs computed from {spec} in "
         f"{time.perf_counter() - started:.1f}s",
-        flush=True,
     )
     return out
 

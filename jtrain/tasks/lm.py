@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jtrain import models, tasks
+from jtrain import console, models, tasks
 from jtrain.data import sources, tokenizers
 from jtrain.models.transformer import TransformerConfig
 from jtrain.sampler import Sampler
@@ -98,7 +98,7 @@ class LMTask(Task):
         )
         new = completion.tokens[: -1 if completion.finish_reason == "stop" else None]
         how = f"temperature {e.sample_temperature}" if e.sample_temperature else "greedy"
-        print(f"sample ({how}):\n{shown_prompt}{tokenizer.decode(new)}", flush=True)
+        console.status(f"sample ({how}):\n{shown_prompt}{tokenizer.decode(new)}")
 
     def sample_prompt(self, tokenizer, prompt: str) -> tuple[np.ndarray, int, str]:
         """(prompt ids, the id that ends the sample, the prompt as printed)."""

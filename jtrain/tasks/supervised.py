@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jtrain import models
+from jtrain import console, models
 from jtrain.checkpoint import CheckpointError
 from jtrain.data import sources, supervised
 from jtrain.data.array_rows import ArrayExamples
@@ -99,7 +99,7 @@ class SupervisedTask(Task):
         arrays, report = self.preprocessor.transform(self.raw(split))
         dropped = report.get("dropped", 0)
         if dropped:
-            print(f"jtrain: {split} split: {report.get('message', dropped)}", flush=True)
+            console.status(f"jtrain: {split} split: {report.get('message', dropped)}")
         if not len(next(iter(arrays.values()))):
             raise ValueError(f"the {split} split of data.source={spec} has no examples")
         return ArrayExamples(arrays, augment=self._augment(arrays))
