@@ -4,6 +4,7 @@ script (`jtrain-train`, ... in pyproject.toml)."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -30,6 +31,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as err:
         _fail(str(err).replace("\n", " ") + " (--helpshort lists the flags)")
+    except BrokenPipeError:  # `--helpshort | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        sys.exit(0)
     except (AttributeError, KeyError, OSError, TypeError, ValueError) as err:
         if errors.debugging():
             raise

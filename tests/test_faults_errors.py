@@ -4,6 +4,8 @@
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -12,7 +14,7 @@ from jtrain import errors, mesh, run
 from jtrain.metrics import read_metrics
 from jtrain.validation import ConfigError
 from tests import faults
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -31,6 +33,20 @@ from tests.conftest import tiny_config
 def test_command_line_mistakes_end_in_one_error_line(tmp_path, flags, message):
     assert faults.run_failing(tmp_path, *flags).startswith(message)
     assert not os.listdir(tmp_path)  # nothing written for a run that never started
+
+
+def test_help_into_a_closed_pipe_is_not_an_error():
+    """`jtrain-train --helpshort | head`: the reader leaves before the help is written."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jtrain.main", "--helpshort"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # before jax is even imported: every write of the help fails
+    assert proc.stderr.read() == ""
+    proc.wait(timeout=60)
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
