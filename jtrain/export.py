@@ -44,7 +44,7 @@ def _define_flags() -> None:
 
 def _tokenizer_dir(config) -> str | None:
     """The directory holding the run's Hugging Face tokenizer files, if it has any."""
-    spec = os.path.expanduser(str(config.data.tokenizer))
+    spec = tokenizers.local_path(config.data.tokenizer)
     if os.path.isdir(spec):
         return spec
     if os.path.isfile(spec):
@@ -55,7 +55,7 @@ def _tokenizer_dir(config) -> str | None:
 def _tokenizer_ids(config) -> dict[str, int]:
     """The run's BOS, EOS and PAD ids, for config.json (none when its tokenizer cannot be read)."""
     try:
-        tokenizer = tokenizers.get_tokenizer(os.path.expanduser(str(config.data.tokenizer)))
+        tokenizer = tokenizers.get_tokenizer(str(config.data.tokenizer))
     except ValueError:
         return {}
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}

@@ -86,7 +86,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 def apply_architecture(config) -> list[str]:
     """Sets `config.model`'s architecture keys from an hf: init_from's config.json, and
-    `data.tokenizer` to that directory (a Hub model: its snapshot) when it is left at "byte"
+    `data.tokenizer` to that directory (a Hub model: `hf:org/name@COMMIT`) when it is "byte"
     and the directory has one.
 
     Returns `KEY: old -> new` for every key that changed (nothing for other specs).
@@ -114,8 +114,12 @@ def apply_architecture(config) -> list[str]:
     has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
     if config.data.tokenizer == "byte" and has_tokenizer:
         # Byte ids fed to a model trained on another vocabulary would train silently on noise.
-        changes.append(f"data.tokenizer: 'byte' -> {path!r}")
-        config.data.tokenizer = path
+        # A Hub model's tokenizer is named by its commit, not by the cache's path: the same
+        # on every machine, so a resume elsewhere is not refused for a changed data.tokenizer.
+        snapshot = hub_snapshot(spec)
+        tokenizer = path if snapshot is None else f"{HF_PREFIX}{snapshot.repo_id}@{snapshot.commit}"
+        changes.append(f"data.tokenizer: 'byte' -> {tokenizer!r}")
+        config.data.tokenizer = tokenizer
     return changes
 
 

@@ -188,3 +188,33 @@ def test_an_unreachable_hub_is_an_error_saying_what_to_do(hub, monkeypatch):
     assert "nor in the Hugging Face cache" in problem and "the Hub cannot be reached (" in problem
     assert "download org/unreachable`" in problem
     assert pretrained.check(f"hf:{REPO}") is None  # a cached model needs no Hub
+
+
+def test_a_hub_tokenizer_is_named_by_its_commit_and_read_from_any_cache(hub, tmp_path, monkeypatch):
+    """data.tokenizer of a Hub model is `hf:org/name@COMMIT`, not the cache's path, so a run
+    resumed on a machine whose cache lies elsewhere names the same tokenizer (the workdir guard
+    compares it), and it reads through that machine's cache."""
+    import tokenizers as hf_tokenizers
+
+    from jtrain.data import tokenizers
+
+    model = tmp_path / "model"
+    shutil.copytree(hub["main"], model)
+    tok = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
+    tok.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainer=trainer)
+    tok.save(str(model / "tokenizer.json"))
+    specs = []
+    for cache in ("cache_a", "cache_b"):  # two machines' caches
+        _put_in_cache(str(tmp_path / cache), "org/tok", MAIN, str(model), refs=("main",))
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / cache))
+        config = tiny_config(model__init_from="hf:org/tok")
+        config_lib.prepare(config)
+        specs.append(config.data.tokenizer)
+        ids = tokenizers.get_tokenizer(config.data.tokenizer).encode("return x", add_eos=False)
+        direct = tokenizers.get_tokenizer(str(model)).encode("return x", add_eos=False)
+        assert list(ids) == list(direct) and tok.encode("return x").ids == list(ids)[1:]
+    assert specs == [f"hf:org/tok@{MAIN}"] * 2

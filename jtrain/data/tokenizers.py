@@ -297,13 +297,24 @@ def _tokenizer_file(directory: Path) -> Path:
     )
 
 
+def local_path(spec: str | os.PathLike) -> str:
+    """The file or directory a tokenizer spec that is not a built-in name names: a path, or an
+    `hf:` model's directory (`hf:org/name@COMMIT`: the Hub cache's snapshot, wherever the cache
+    is, so a config that names it means the same tokenizer on every machine)."""
+    from jtrain import pretrained  # the model specs' module; it imports no tokenizer
+
+    spec = str(spec)
+    return pretrained.hf_path(spec) if pretrained.is_hf(spec) else os.path.expanduser(spec)
+
+
 @functools.lru_cache(maxsize=64)
 def get_tokenizer(spec: str | os.PathLike) -> Tokenizer:
-    """Returns the tokenizer that `spec` names (built-in name or path), cached per spec."""
+    """Returns the tokenizer that `spec` names (built-in name, path or hf: model), cached per
+    spec."""
     if spec in _TOKENIZERS:
         return _TOKENIZERS[spec]()
     named = isinstance(spec, (str, os.PathLike)) and str(spec)
-    path = Path(spec).expanduser() if named else None
+    path = Path(local_path(spec)) if named else None
     if path is None or not path.exists():
         raise ValueError(
             f"Unknown tokenizer {spec!r}: not a built-in name nor an existing path; {_accepted()}."

@@ -193,7 +193,7 @@ def _error(template: str, problem: str) -> ValueError:
 
 def _tokenizer_template(template: str, tokenizer_spec: str) -> tuple[str, str]:
     """(source, origin) of the chat template stored beside the tokenizer."""
-    path = Path(str(tokenizer_spec)).expanduser()
+    path = Path(tokenizers.local_path(tokenizer_spec))
     if not path.exists():
         raise _error(template, f"data.tokenizer={tokenizer_spec!r} is not a tokenizer directory")
     directory = path if path.is_dir() else path.parent
