@@ -162,7 +162,7 @@ def _format(name: str, value: float | int) -> str:
     return f"{value:.3e}"
 
 
-def _import_tensorboardx_without_torch() -> None:
+def import_tensorboardx_without_torch() -> None:
     """Imports tensorboardX without the torch its package `__init__` imports when installed.
 
     `import tensorboardX` runs tensorboardX.writer, which imports torch if it can, only to
@@ -184,7 +184,7 @@ def _import_tensorboardx_without_torch() -> None:
         del sys.modules["torch"]
 
 
-class _EventFile:
+class EventFile:
     """TensorBoard scalars written in the calling thread, each event flushed as it is written.
 
     tensorboardX's SummaryWriter hands events to a background thread through a
@@ -195,21 +195,25 @@ class _EventFile:
     closing a file.
     """
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, *, prefix: str = "events", suffix: str = ""):
         # Deferred: only process 0 with a workdir needs them.
-        _import_tensorboardx_without_torch()
+        import_tensorboardx_without_torch()
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.record_writer import directory_check
 
         directory_check(logdir)
-        self._events = EventsWriter(os.path.join(logdir, "events"))
+        self._events = EventsWriter(os.path.join(logdir, prefix), filename_suffix=suffix)
 
     def write(self, step: int, scalars: Mapping[str, float | int]) -> None:
         from tensorboardX import summary
-        from tensorboardX.proto import event_pb2
 
         # summary.scalar makes the Summary SummaryWriter.add_scalar makes (tags cleaned alike).
-        values = [summary.scalar(tag, value).value[0] for tag, value in scalars.items()]
+        self.write_values(step, [summary.scalar(t, v).value[0] for t, v in scalars.items()])
+
+    def write_values(self, step: int, values: Sequence) -> None:
+        """Writes `values` (Summary.Value protos: scalars, text, plugin data) as one event."""
+        from tensorboardX.proto import event_pb2
+
         event = event_pb2.Event(wall_time=time.time(), step=step, summary={"value": values})
         self._events.write_event(event)
         self._events.flush()
@@ -258,7 +262,7 @@ class MetricWriter:
         self._jsonl = open(path, "a", buffering=1, encoding="utf-8")
         if ends_mid_line:
             self._jsonl.write("\n")
-        self._tb = _EventFile(os.path.join(workdir, "tensorboard"))
+        self._tb = EventFile(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         """Logs one event: `metrics` of `split` (train | val | test) at `step`."""

@@ -106,16 +106,10 @@ def text(tag: str, markdown: str):
 
 def write_events(logdir: str, step: int, values: list, *, suffix: str = "") -> None:
     """Writes `values` (Summary.Value) as one event at `step` to a new event file, closed on
-    return (written in this thread: see metrics._EventFile)."""
-    metrics._import_tensorboardx_without_torch()
-    from tensorboardX.event_file_writer import EventsWriter
-    from tensorboardX.proto import event_pb2
-
-    os.makedirs(logdir, exist_ok=True)
-    events = EventsWriter(os.path.join(logdir, FILE_PREFIX), filename_suffix=suffix)
+    return."""
+    events = metrics.EventFile(logdir, prefix=FILE_PREFIX, suffix=suffix)
     try:
-        summary = {"value": values}
-        events.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+        events.write_values(step, values)
     finally:
         events.close()
 
@@ -127,7 +121,7 @@ class ConfigSummary(Hook):
     def on_start(self, loop, state, step) -> None:
         if jax.process_index() != 0:
             return
-        metrics._import_tensorboardx_without_torch()  # before the protos below import it
+        metrics.import_tensorboardx_without_torch()  # before the protos below import it
         flat = flat_config(loop.config)
         table = text(TAG, markdown_table(flat, resumed_at=step or None))
         write_events(_logdir(loop), step, [table, session_start(flat)])
@@ -135,7 +129,7 @@ class ConfigSummary(Hook):
     def on_end(self, loop, state, *, preempted) -> None:
         if preempted or jax.process_index() != 0:
             return
-        metrics._import_tensorboardx_without_torch()
+        metrics.import_tensorboardx_without_torch()
         write_events(_logdir(loop), loop.end_step, [session_end()], suffix=".end")
 
 

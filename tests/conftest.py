@@ -4,6 +4,7 @@ and the helpers several test files share (import them as `from tests.conftest im
 import atexit
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -124,3 +125,14 @@ def tiny_trained_run(tmp_path_factory, **overrides) -> str:
     )
     train_and_evaluate(config, workdir)
     return workdir
+
+
+def read_tfrecords(path):
+    """Yields the payloads of a TFRecord file (length, crc, data, crc framing)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        yield data[offset + 12 : offset + 12 + length]
+        offset += 12 + length + 4

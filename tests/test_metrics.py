@@ -4,7 +4,6 @@ import glob
 import json
 import math
 import os
-import struct
 import types
 
 import jax
@@ -14,17 +13,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from jtrain import metrics
-
-
-def _read_tfrecords(path):
-    """Yields the payloads of a TFRecord file (length, crc, data, crc framing)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    offset = 0
-    while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset : offset + 8])
-        yield data[offset + 12 : offset + 12 + length]
-        offset += 12 + length + 4
+from tests.conftest import read_tfrecords
 
 
 def test_jsonl_round_trip_is_exact(tmp_path):
@@ -107,7 +96,7 @@ def test_tensorboard_events(tmp_path):
     files = glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*"))
     assert len(files) == 1 and os.path.getsize(files[0]) > 0
     scalars = []
-    for record in _read_tfrecords(files[0]):
+    for record in read_tfrecords(files[0]):
         event = event_pb2.Event.FromString(record)
         for value in event.summary.value:
             scalars.append((event.step, value.tag, value.simple_value))

@@ -18,8 +18,7 @@ from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 from jtrain import metrics, profiling, tb_config, wandb_sink
 from jtrain.extras import MissingExtraError
 from jtrain.run import train_and_evaluate
-from tests.conftest import tiny_config
-from tests.test_metrics import _read_tfrecords
+from tests.conftest import read_tfrecords, tiny_config
 
 PROJECT = "jtrain-tests"
 
@@ -90,7 +89,7 @@ def _config_events(workdir):
     """(step, {tag: Summary.Value}) of every event in tensorboard/config.out.tfevents.*."""
     events = []
     for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "config.out.tfevents.*"))):
-        for record in _read_tfrecords(path):
+        for record in read_tfrecords(path):
             event = event_pb2.Event.FromString(record)
             if event.HasField("summary"):
                 events.append((event.step, {v.tag: v for v in event.summary.value}))
