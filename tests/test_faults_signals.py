@@ -42,6 +42,10 @@ def test_ctrl_c_saves_and_exits_0_and_a_second_ctrl_c_quits_at_once(tmp_path):
     with faults.terminal_job(workdir, *FLAGS) as proc:
         faults.wait_for_step(workdir, 3, proc)
         faults.ctrl_c(proc)
+        # The Ctrl-C first: a SIGTERM sent microseconds after it may reach another thread and
+        # be noticed first (the run then stops for the SIGTERM, just as well).
+        stderr = lambda: faults.job_output(workdir)[1]  # noqa: E731
+        faults.wait_until(lambda: NOTICE in stderr(), proc, "the Ctrl-C notice")
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
             proc.send_signal(signal.SIGTERM)
@@ -62,7 +66,6 @@ def test_ctrl_c_saves_and_exits_0_and_a_second_ctrl_c_quits_at_once(tmp_path):
         workers = faults.child_pids(proc.pid)
         before = _committed_steps(workdir)
         faults.ctrl_c(proc)
-        stderr = lambda: faults.job_output(workdir)[1]  # noqa: E731
         faults.wait_until(lambda: NOTICE in stderr(), proc, "the Ctrl-C notice")
         faults.ctrl_c(proc)
         assert proc.wait(timeout=10) == -signal.SIGINT
