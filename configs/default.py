@@ -31,7 +31,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0  # residual/attention-output dropout rate during training
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # rematerialise each block: none | full | dots (save matmuls)
-    c.model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+    # Attention kernel: xla | cudnn (fused, NVIDIA GPUs, bfloat16) | auto (cuDNN where it can
+    # run, else XLA, saying why once); xla stays the default: it runs and is exact everywhere.
+    c.model.attention = "xla"
+    # The LM head and cross-entropy in chunks of this many positions, so the [tokens, vocab]
+    # float32 logits of a whole batch never exist at once (0 = the whole sequence at once).
+    c.model.loss_chunk = 0
     # Layout options of other model families; model.init_from="hf:PATH" sets them from the
     # checkpoint's config.json, so they rarely need setting by hand.
     c.model.norm = "rms"  # rms | layer (LayerNorm with bias, GPT-2)

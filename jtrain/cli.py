@@ -1,6 +1,7 @@
-"""What every jtrain command does first: parse the flags with errors a user can read, refuse
-stray arguments, quiet absl's INFO logs; and how each runs, from `python -m` or its console
-script (`jtrain-train`, ... in pyproject.toml)."""
+"""What every jtrain command does first: set jtrain's XLA flags for NVIDIA GPUs
+(jtrain.xla_flags), parse the flags with errors a user can read, refuse stray arguments, quiet
+absl's INFO logs; and how each runs, from `python -m` or its console script (`jtrain-train`,
+... in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from jtrain import errors, recipes
+from jtrain import errors, recipes, xla_flags
 
 
 def run(main: Callable[[list[str]], None]) -> None:
     """Runs a command's `main` under absl with `parse_flags`; a UserError that `main` lets
     through ends in one `error:` line."""
     with errors.reported():
+        xla_flags.apply()  # before anything starts jax's backend, which reads XLA_FLAGS once
         app.run(main, flags_parser=parse_flags)
 
 

@@ -77,7 +77,7 @@ def check(spec: str) -> str | None:
 
 
 # TransformerConfig fields that are choices of the run, not part of a checkpoint's architecture.
-_RUN_FIELDS = ("dtype", "remat", "attention", "dropout")
+_RUN_FIELDS = ("dtype", "remat", "attention", "loss_chunk", "dropout")
 
 
 # Files whose presence makes a Hugging Face directory a tokenizer jtrain can load.

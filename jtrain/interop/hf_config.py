@@ -316,7 +316,7 @@ def config_to_hf(
             hf.update(max_window_layers=0 if window else cfg.n_layers)
     # Whatever the family cannot express shows up as a difference when read back.
     _, back = config_from_hf(hf, dtype=cfg.dtype)
-    unchanged = ("dtype", "dropout", "remat", "attention", "max_seq_len")
+    unchanged = ("dtype", "dropout", "remat", "attention", "loss_chunk", "max_seq_len")
     for field in dataclasses.fields(cfg):
         mine, theirs = getattr(cfg, field.name), getattr(back, field.name)
         if field.name not in unchanged and mine != theirs:

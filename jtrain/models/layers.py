@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jtrain.models import attention_impl
+
 
 def param(
     rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], *, stddev: float | None
@@ -163,7 +165,8 @@ def apply_rope(
 
 
 def attention_mask(segment_ids_BxL: jax.Array | None) -> jax.Array | None:
-    """[B, 1, L, L] mask keeping attention inside a document (causality is added separately)."""
+    """[B, 1, L, L] mask keeping attention inside a document (causality is added separately);
+    XLA and cuDNN both take it (cuDNN as an additive bias: see attention_impl)."""
     if segment_ids_BxL is None:
         return None
     same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
@@ -238,7 +241,10 @@ class Attention(nnx.Module):
         self.rope_scaling = rope_scaling(cfg)
         # A token attends to itself and the sliding_window - 1 tokens before it (Mistral).
         self.local_window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
-        self.implementation = None if cfg.attention == "xla" else cfg.attention
+        # "auto" is settled here, once per model shape (attention_impl.resolve caches it).
+        self.implementation = attention_impl.resolve(
+            cfg.attention, dtype=cfg.dtype, head_dim=k, sliding_window=bool(cfg.sliding_window)
+        )
         self.causal = causal
         self.lora = nnx.data(None)  # adapters: jtrain.models.lora.attach sets them
 
@@ -262,19 +268,23 @@ class Attention(nnx.Module):
         if self.rope:
             q = apply_rope(q, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
             k = apply_rope(k, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
-        if cache is not None:
+        cached = cache is not None
+        if cached:
             cache = cache.write(k, v)
             k, v = cache.layer_kv()
-        # Grouped-query attention: jax.nn.dot_product_attention shares each key/value head
-        # across n_heads // n_kv_heads query heads, and can dispatch to cuDNN flash attention.
-        out_BxLxHxK = jax.nn.dot_product_attention(
+        # Grouped-query attention: each key/value head serves n_heads // n_kv_heads query heads.
+        mask = cache.mask if cached else mask_Bx1xLxL
+        kernel = attention_impl.kernel_for_call(
+            self.implementation, masked=mask is not None, length=q.shape[1], cached=cached
+        )
+        out_BxLxHxK = attention_impl.attend(
             q,
             k,
             v,
-            mask=mask_Bx1xLxL if cache is None else cache.mask,
-            is_causal=self.causal and cache is None,
-            local_window_size=self.local_window if cache is None else None,
-            implementation=self.implementation,
+            mask=mask,
+            causal=self.causal and not cached,
+            local_window=None if cached else self.local_window,
+            implementation=kernel,
         )
         out = _add_bias(project(self, "o_HxKxD", out_BxLxHxK, dropout_rng), self.o_bias_D)
         return out, cache

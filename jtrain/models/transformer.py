@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jtrain import models
-from jtrain.models import layers
+from jtrain.models import attention_impl, layers
 from jtrain.validation import one_of, positive_ints, require
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -25,7 +25,7 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = attention_impl.IMPLEMENTATIONS  # xla | cudnn | auto
 CHOICES = {
     "norm": ("rms", "layer"),
     "positions": ("rope", "learned"),
@@ -52,6 +52,7 @@ class TransformerConfig:
     dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"
+    loss_chunk: int = 0  # sequence positions per chunk of the LM head + loss (0 = all at once)
     norm: str = "rms"  # rms | layer (LayerNorm with bias, GPT-2)
     positions: str = "rope"  # rope | learned (a max_seq_len x d_model table, GPT-2)
     max_seq_len: int = 0  # longest sequence the model is meant for; the learned table's size
@@ -214,6 +215,11 @@ class Transformer(Decoder):
         """Returns float32 logits [B, L, V]; dropout only when a dropout_rng is given."""
         return self.logits(self.hidden(tokens_BxL, **trunk_options))
 
+    @property
+    def loss_chunk(self) -> int:
+        """Positions per chunk of the head and loss (`jtrain.models.lm_head`); 0: all at once."""
+        return self.cfg.loss_chunk
+
     def logits(self, x_BxLxD: jax.Array) -> jax.Array:
         """The head: float32 next-token logits [B, L, V] of hidden states."""
         if self.cfg.tie_embeddings:
@@ -279,6 +285,7 @@ class TransformerFamily:
         one_of("model.dtype", m.dtype, DTYPES)
         one_of("model.remat", m.remat, REMAT_POLICIES)
         one_of("model.attention", m.attention, ATTENTION_IMPLEMENTATIONS)
+        attention_impl.validate(config)  # an explicit cudnn: can it run here?
         for name, allowed in CHOICES.items():
             one_of(f"model.{name}", m[name], allowed)
         require(m.max_seq_len >= 0, "model.max_seq_len", m.max_seq_len, "must be >= 0")
@@ -290,5 +297,11 @@ class TransformerFamily:
                 m.max_seq_len,
                 f"must be at least train.seq_len={seq_len} with learned positions (a row each)",
             )
+        require(
+            isinstance(m.loss_chunk, int) and m.loss_chunk >= 0,
+            "model.loss_chunk",
+            m.loss_chunk,
+            "must be an integer >= 0 (sequence positions per chunk; 0 = the whole sequence)",
+        )
         require(m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0")
         require(m.rope_factor > 0, "model.rope_factor", m.rope_factor, "must be positive")

@@ -36,7 +36,7 @@ from flax import nnx
 
 from jtrain import console, tasks
 from jtrain.data import tokenizers
-from jtrain.models import lora
+from jtrain.models import lm_head, lora
 from jtrain.models.transformer import TransformerConfig
 from jtrain.sampler import Completion, Sampler
 from jtrain.tasks import grpo_losses, grpo_prompts, rewards, rollouts
@@ -71,11 +71,15 @@ def settings(config) -> dict:
 
 def token_logps(model, batch: Batch, temperature: float, *, dropout_rng=None):
     """(log p of each target under logits / temperature, the per-token entropy), [B, L]."""
-    logits = model(batch["inputs"], dropout_rng=dropout_rng) / temperature
-    logps = -token_cross_entropy(logits, batch["targets"])
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-    return logps, entropy
+
+    def logps_and_entropy(logits, targets):
+        logits = logits / temperature
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+        return -token_cross_entropy(logits, targets), entropy
+
+    inputs, targets = batch["inputs"], batch["targets"]
+    return lm_head.per_token(model, inputs, targets, logps_and_entropy, dropout_rng=dropout_rng)
 
 
 @tasks.register("grpo")

@@ -12,6 +12,7 @@ from flax import nnx
 
 from jtrain import console, models, tasks
 from jtrain.data import sources, tokenizers
+from jtrain.models import lm_head
 from jtrain.models.transformer import TransformerConfig
 from jtrain.sampler import Sampler
 from jtrain.tasks.base import Batch, LossOutput, Task
@@ -24,6 +25,12 @@ def token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
     return log_z - target_logit
+
+
+def nll_and_correct(logits_BxLxV: jax.Array, targets_BxL: jax.Array):
+    """(per-token negative log-likelihood, 1.0 where the argmax is the target), [B, L]."""
+    correct = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
+    return token_cross_entropy(logits_BxLxV, targets_BxL), correct.astype(jnp.float32)
 
 
 @tasks.register("lm")
@@ -54,15 +61,16 @@ class LMTask(Task):
         return models.family_of(self.config.model).make(self.config.model, head="logits", rngs=rngs)
 
     def loss(self, model, batch: Batch, *, dropout_rng=None, frozen=None) -> LossOutput:
-        logits = model(
+        nll, correct = lm_head.per_token(
+            model,
             batch["inputs"],
+            batch["targets"],
+            nll_and_correct,
             positions_BxL=batch.get("positions"),
             segment_ids_BxL=batch.get("segment_ids"),
             dropout_rng=dropout_rng,
         )
         weight = batch["loss_weight"].astype(jnp.float32)
-        nll = token_cross_entropy(logits, batch["targets"])
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
         return LossOutput(
             loss_sum=jnp.sum(nll * weight),
             weight=jnp.sum(weight),

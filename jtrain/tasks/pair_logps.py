@@ -6,15 +6,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jtrain.models import lm_head
 from jtrain.tasks.lm import token_cross_entropy
 
 
 def sequence_logps(model, tokens_NxL1, completion_NxL1, *, dropout_rng=None):
     """(sum of log p over each sequence's completion tokens [N], completion tokens [N])."""
-    logits = model(tokens_NxL1[:, :-1], dropout_rng=dropout_rng)
+    inputs, targets = tokens_NxL1[:, :-1], tokens_NxL1[:, 1:]
+    [logps] = lm_head.per_token(model, inputs, targets, _logps, dropout_rng=dropout_rng)
     weight = completion_NxL1[:, 1:]
-    logps = -token_cross_entropy(logits, tokens_NxL1[:, 1:])
     return jnp.sum(logps * weight, axis=-1), jnp.sum(weight, axis=-1)
+
+
+def _logps(logits, targets):
+    return (-token_cross_entropy(logits, targets),)
 
 
 def pair_rows(batch, name: str) -> jax.Array:
