@@ -117,6 +117,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # data-parallel replicas (-1 = all remaining devices)
     c.mesh.fsdp = 1  # fully-sharded data parallel: params and optimizer state are split
     c.mesh.tensor = 1  # tensor parallel: heads and MLP width are split
+    # Multislice TPU: how many slices each axis spans over the data-centre network (DCN); the
+    # sizes above are then per slice, and the axis is their product (1 = within one slice).
+    c.mesh.dcn_data = 1  # replicas in different slices: only gradients cross the DCN
+    c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_tensor = 1
     # Logical parameter/activation axis -> mesh axes ("" = replicated, "a,b" = both).
     c.mesh.rules = ml_collections.ConfigDict()
     c.mesh.rules.batch = "data,fsdp"
@@ -155,4 +160,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.profile = ml_collections.ConfigDict()
     c.profile.start_step = 10
     c.profile.steps = 0
+
+    # At the end of training, the train split's reference profile in drift/ (column and token
+    # distributions, the model's predictions), which `python -m jtrain.drift` compares new data
+    # against; tasks without a drift profiler skip it.
+    c.drift = ml_collections.ConfigDict()
+    c.drift.profile = True
     return c

@@ -11,8 +11,22 @@ import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from jtrain import errors, recipes, xla_flags
+
+
+def config_flag() -> flags.FlagHolder:
+    """--config, a config file or a recipe's name: defined once per process, so commands that
+    share it (jtrain.main, jtrain.plan) can be imported together."""
+    if "config" not in flags.FLAGS:
+        config_flags.DEFINE_config_file(
+            "config",
+            None,
+            "A config file (configs/NAME.py[:ARG]) or a recipe's name (default, lora, ...).",
+            lock_config=True,
+        )
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS["config"])
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -2,16 +2,10 @@
 --workdir=DIR; --config=NAME names a recipe that ships with jtrain (jtrain.recipes)."""
 
 from absl import flags
-from ml_collections import config_flags
 
 from jtrain import cli, distributed, errors, run
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "A config file (configs/NAME.py[:ARG]) or a recipe's name (default, lora, ...).",
-    lock_config=True,
-)
+_CONFIG = cli.config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and checkpoints.")
 _MODE = flags.DEFINE_enum(
     "mode", "train", run.MODES, "train | eval (evaluate eval.split without training)."

@@ -39,6 +39,7 @@ PEAK_FLOPS: dict[str, float] = {
     "h100 pcie": 756e12,
     "h100 nvl": 835e12,
     "h200": 989e12,
+    "b200": 2250e12,  # HGX B200: 4.5 PFLOP/s with 2:4 sparsity, half of it dense
 }
 
 _MATMUL_SIZE = 1024  # big enough to keep the CPU's vector units busy, small enough to repeat

@@ -30,6 +30,7 @@ from jtrain import (
 from jtrain import config as config_lib
 from jtrain import preemption as preemption_lib
 from jtrain.data import pipeline, splits
+from jtrain.drift import hook as drift_hook
 from jtrain.experiment import Experiment
 from jtrain.loop import BatchSource, Loop, NonFiniteError, PipelineBatches
 from jtrain.state import TrainState
@@ -91,6 +92,7 @@ def _hooks(exp: Experiment, ckpts: checkpoint.Checkpoints) -> list[hooks.Hook]:
         hooks.Display(),
         tb_config.ConfigSummary(),  # the config in TensorBoard's Text and HParams tabs
         *profiling.hooks(c),  # profile.steps > 0: a trace of those steps
+        *drift_hook.hooks(c),  # the train split's drift profile (drift/), from the final weights
         plot_hook.Plots(),  # last: plots/ from every event the others logged
     ]
 

@@ -66,6 +66,7 @@ OWN_NAMES = frozenset(
         "eval",
         "plots",
         "rollouts",
+        "drift",
         early_stopping.RECORD,
         frozen_sources.FILE,
         CHANGES,

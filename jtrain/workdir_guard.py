@@ -57,7 +57,7 @@ GROUPS = (
     Group(REFUSE, "it seeds the initial weights and the data order the saved position is in",
           ("seed",)),
     Group(REFUSE, "the objective: another task's checkpoints hold another model and data",
-          ("task",)),
+          ("task", "distill.task")),
     Group(REFUSE, "the architecture the saved weights are of", _ARCHITECTURE),
     Group(REFUSE, "the shape and scale of the saved adapters",
           ("model.lora.rank", "model.lora.alpha", "model.lora.targets")),
@@ -93,7 +93,8 @@ GROUPS = (
            "regress.huber_delta", "reward.center_coefficient", "augment.crop_padding",
            "augment.flip", "augment.color_jitter", "augment.mixup_alpha", "augment.cutmix_alpha",
            "dpo.loss", "dpo.beta", "dpo.label_smoothing", "dpo.gamma", "dpo.sft_weight",
-           "dpo.reference")),
+           "dpo.reference", "distill.teacher", "distill.alpha", "distill.temperature",
+           "distill.kl")),
     Group(RECORD, "how rollouts are sampled, scored and weighed: the saved prompt position "
           "counts prompts, whatever each rollout does with them",
           ("grpo.rewards", "grpo.num_generations", "grpo.max_completion_length",
@@ -107,7 +108,7 @@ GROUPS = (
     Group(FREE, "what is logged, evaluated or saved, and how often",
           ("train.log_every", "eval.every_steps", "eval.split", "eval.generate.*",
            "eval.sample_tokens", "eval.sample_prompt", "eval.sample_temperature",
-           "classify.top_k", "checkpoint.*", "metrics.*", "profile.*")),
+           "classify.top_k", "checkpoint.*", "metrics.*", "profile.*", "drift.*")),
 )  # fmt: skip
 # A key of the user's own (a custom task's section): it may change what the checkpoints mean.
 UNKNOWN = Group(REFUSE, "jtrain does not know what this key means for a checkpoint", ())

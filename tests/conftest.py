@@ -68,10 +68,15 @@ def start_main(workdir, *flags, devices=2) -> subprocess.Popen:
 
 
 def load_config(recipe: str, **overrides):
-    """configs/<recipe> with `section__name=value` overrides (a key may be new: model keys)."""
+    """configs/<recipe> with `section__name=value` overrides (a key may be new: model keys).
+
+    The end-of-run drift profile is off unless a test turns it on (`drift__profile=True`):
+    an image run's takes a forward pass over its whole train split."""
     from jtrain import config as config_lib
 
     config = config_lib.load(os.path.join(REPO, "configs", recipe))
+    if "drift" in config:
+        config.drift.profile = False
     for key, value in overrides.items():
         *sections, name = key.split("__")
         node = config

@@ -151,15 +151,18 @@ class CNN(nnx.Module):
         self.head = layers.param(rngs, (width, outputs), ("mlp", None), stddev=HEAD_STDDEV)
         self.head_bias = layers.Bias((outputs,), (None,))
 
+    def features(self, inputs: dict[str, jax.Array]) -> jax.Array:
+        """The pooled features the head reads, float32 [B, C] (drift monitoring compares them)."""
+        x = conv(inputs["image"].astype(DTYPES[self.cfg.dtype]), self.stem)
+        for block in self.blocks:
+            x = block(x)
+        return jnp.mean(_normed(self.final_norm, x).astype(jnp.float32), axis=(1, 2))
+
     def __call__(
         self, inputs: dict[str, jax.Array], *, dropout_rng: jax.Array | None = None
     ) -> jax.Array:
         """Float32 scores [B, outputs]; dropout only when a dropout_rng is given."""
-        x = conv(inputs["image"].astype(DTYPES[self.cfg.dtype]), self.stem)
-        for block in self.blocks:
-            x = block(x)
-        pooled_BxC = jnp.mean(_normed(self.final_norm, x).astype(jnp.float32), axis=(1, 2))
-        pooled_BxC = layers.dropout(pooled_BxC, self.cfg.dropout, dropout_rng)
+        pooled_BxC = layers.dropout(self.features(inputs), self.cfg.dropout, dropout_rng)
         return self.head_bias(layers.dense(pooled_BxC, self.head[...]))
 
 

@@ -133,6 +133,13 @@ class ViT(nnx.Module):
         self, inputs: dict[str, jax.Array], *, dropout_rng: jax.Array | None = None
     ) -> jax.Array:
         """Float32 scores [B, outputs]; dropout only when a dropout_rng is given."""
+        pooled_BxD = self.features(inputs, dropout_rng=dropout_rng)
+        return self.head_bias(layers.dense(pooled_BxD, self.head_DxO[...])).astype(jnp.float32)
+
+    def features(
+        self, inputs: dict[str, jax.Array], *, dropout_rng: jax.Array | None = None
+    ) -> jax.Array:
+        """The pooled features the head reads [B, D] (drift monitoring compares them)."""
         block_def, block_state = nnx.split(self.blocks)
         layer_rngs = None
         if dropout_rng is not None:
@@ -145,9 +152,7 @@ class ViT(nnx.Module):
 
         x_BxLxD, _ = jax.lax.scan(run_block, self.embed(inputs["image"]), (block_state, layer_rngs))
         x_BxLxD = self.final_norm(x_BxLxD)
-        pooled_BxD = x_BxLxD[:, 0] if self.cls_D is not None else jnp.mean(x_BxLxD, axis=1)
-        out_BxO = self.head_bias(layers.dense(pooled_BxD, self.head_DxO[...]))
-        return out_BxO.astype(jnp.float32)
+        return x_BxLxD[:, 0] if self.cls_D is not None else jnp.mean(x_BxLxD, axis=1)
 
 
 @models.register("vit")

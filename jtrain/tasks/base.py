@@ -100,6 +100,12 @@ class Task:
         self.config = config
 
     @classmethod
+    def reads(cls, config) -> str:
+        """What the model must read under `config`: `model_reads`, unless the task wraps
+        another task whose model it trains (distillation: the student's task decides)."""
+        return cls.model_reads
+
+    @classmethod
     def validate(cls, config) -> None:
         """Raises ValueError naming a task-specific config key whose value cannot work."""
 
@@ -180,6 +186,11 @@ class Task:
     def tokens_per_example(self) -> int:
         """Tokens an example feeds the model (0 for tasks without tokens), for tokens/s."""
         return 0
+
+    def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], str]] | None:
+        """{key: (shape, dtype)} of a global training batch, for compiling the step ahead of
+        time without data (`jtrain.aot`); None: only the data pipeline knows."""
+        return None
 
     def batch_source(self, exp, workdir: str):
         """Where training batches come from when not from the input pipeline (RL: rollouts

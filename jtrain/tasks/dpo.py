@@ -280,6 +280,9 @@ class DPOTask(SFTTask):
     def report(self, totals: LossOutput) -> dict[str, float]:
         return Task.report(self, totals)  # sums per pair; a perplexity would mean nothing here
 
+    def batch_shapes(self) -> None:
+        return None  # not the language model's token rows: only the data pipeline knows
+
     def flops_per_example(self, *, weight_grads: bool = True) -> float:
         seq_len = self.config.train.seq_len
         per_token = TransformerConfig.from_mapping(self.config.model).flops_per_token(

@@ -274,6 +274,9 @@ class GRPOTask(LMTask):
 
     # Accounting.
 
+    def batch_shapes(self) -> None:
+        return None  # not the language model's token rows: only the data pipeline knows
+
     def flops_per_example(self, *, weight_grads: bool = True) -> float:
         seq_len = self.config.train.seq_len
         cfg = TransformerConfig.from_mapping(self.config.model)

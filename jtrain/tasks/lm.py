@@ -87,6 +87,13 @@ class LMTask(Task):
         cfg = TransformerConfig.from_mapping(self.config.model)
         return seq_len * cfg.flops_per_token(seq_len, weight_grads=weight_grads)
 
+    def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        shape = (self.config.train.batch_size, self.config.train.seq_len)
+        keys = ["inputs", "targets"]
+        if self.config.data.get("packing", False):
+            keys += ["segment_ids", "positions"]
+        return {**{key: (shape, "int32") for key in keys}, "loss_weight": (shape, "float32")}
+
     def tokens_per_example(self) -> int:
         return self.config.train.seq_len
 
