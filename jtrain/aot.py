@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core
 
+from jtrain import checkpoint_layout, tasks
 from jtrain import mesh as mesh_lib
-from jtrain import packed_state, tasks
 from jtrain.errors import UserError
 from jtrain.experiment import Experiment
 
@@ -133,20 +133,17 @@ def _memory(compiled) -> dict[str, int]:
 
 
 def _save_path(state) -> dict:
-    """The checkpoint save's device side (packing the state into flat arrays), compiled."""
-    captured = {}
-
-    def layout(s):  # PRNG keys only tell their implementation when traced
-        captured["layout"] = packed_state.layout_of(s)
-        return 0
-
-    jax.eval_shape(layout, state)
-    # The same packing program jtrain.checkpoint runs (packed_state.packer_for builds it from
-    # a concrete state; here the state is abstract).
-    pack = packed_state._packer(captured["layout"], [x.sharding for x in jax.tree.leaves(state)])
+    """The checkpoint save's device side, compiled: the program jtrain.checkpoint runs for
+    this state (packing into flat arrays for a small state; checks and checksums of each
+    array in place for a large one)."""
+    kind, program = checkpoint_layout.save_program(state)
     start = time.perf_counter()
-    compiled = pack.lower(state).compile()
-    return {"memory_per_device_bytes": _memory(compiled), "compile_s": time.perf_counter() - start}
+    compiled = program.lower(state).compile()
+    return {
+        "layout": kind,
+        "memory_per_device_bytes": _memory(compiled),
+        "compile_s": time.perf_counter() - start,
+    }
 
 
 def compile_report(config, topology: str) -> dict:

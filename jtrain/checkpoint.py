@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: train state, data-iterator position, config and metadata.
+"""Orbax checkpoints of a run: train state, data-iterator positions, config and metadata.
 
 Saves are asynchronous (the device-to-host copy is the only blocking part) and atomic
 (Orbax writes into a temporary directory and renames it when complete), so a kill at any
@@ -12,10 +12,10 @@ whose arrays match the checksums saved with them (jtrain.checkpoint_integrity), 
 file costs one interval. A training run moves the damaged ones aside (jtrain.checkpoint_faults),
 so it can save those steps again. A checkpoint of another model is not damaged: it is refused.
 
-The state is saved packed into a few flat arrays (jtrain.packed_state: Orbax's cost grows
-with the number of arrays) and restores onto any mesh. The data position, config, run
-metadata and checksums ride in the step's metadata file, which Orbax writes before the commit
-rename.
+A small state is saved packed into a few flat arrays, a large one array by array
+(jtrain.checkpoint_layout says which and why); both restore onto any mesh. The data positions
+of every process (jtrain.checkpoint_data), config, run metadata, layout and checksums ride in
+the step's metadata file, which Orbax writes before the commit rename.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,13 +34,17 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jtrain import checkpoint_faults, checkpoint_integrity, console, packed_state
+from jtrain import checkpoint_data, checkpoint_faults, console, packed_state
+from jtrain import checkpoint_layout as layouts
 from jtrain.checkpoint_faults import damage, newest_readable, on_every_process
 from jtrain.errors import UserError
 from jtrain.models.transformer import HEAD_PARAMS
 from jtrain.state import TrainState
 
 log = logging.getLogger(__name__)
+# gs://, s3://, hf://...: Orbax would take one, but jtrain's own files (metrics, config, the lock)
+# are local, and a path so named becomes a local "gs:" folder.
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -68,25 +73,10 @@ def _legacy_manager(directory: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
-def _saved_layout(manager: ocp.CheckpointManager, step: int) -> dict | None:
-    """A packed checkpoint's custom step metadata, or None for one from before packing."""
-    unreadable = None
-    try:
-        custom = manager.metadata(step).custom_metadata or {}
-    except Exception as err:  # noqa: BLE001 - unreadable: neither kind, reported below
-        custom, unreadable = {}, err
-    if "layout" in custom:
-        return custom
-    if os.path.isdir(os.path.join(str(manager.directory), str(step), "data")):
-        return None  # before packing, the data position was an item of its own
-    raise ValueError(
-        f"the metadata of step {step} (its layout and data position) is unreadable"
-    ) from unreadable
-
-
 class Checkpoints:
     """The run's CheckpointManager: keeps the last `keep` plus the best by a validation metric
-    (`best_metric`, lower is better with best_mode="min", higher with "max")."""
+    (`best_metric`, lower is better with best_mode="min", higher with "max"). `layout` forces
+    how the state is saved (jtrain.checkpoint_layout; "auto": by its size)."""
 
     def __init__(
         self,
@@ -96,7 +86,11 @@ class Checkpoints:
         best_metric: str = "loss",
         best_mode: str = "min",
         read_only: bool = False,
+        layout: str = layouts.AUTO,
     ):
+        if layout not in layouts.KINDS:
+            raise ValueError(f"layout={layout!r} is not one of {', '.join(layouts.KINDS)}")
+        self.layout = layout
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.best_metric = best_metric
         self.read_only = read_only
@@ -147,10 +141,8 @@ class Checkpoints:
     ) -> bool:
         """Starts an async save of `state` at its step; refuses non-finite values."""
         step = int(jax.device_get(state.step))
-        layout, pack = packed_state.packer_for(state)
-        packed, finite, sums = pack(state)  # copies the state, so the next step may donate it
-        finite, sums = jax.device_get((finite, sums))
-        if not bool(finite):
+        layout, tree, finite, sums = layouts.prepared(state, layouts.choose(state, self.layout))
+        if not finite:
             log.error("not saving step %d: the state holds non-finite values", step)
             return False
         meta = {
@@ -160,9 +152,9 @@ class Checkpoints:
             "jax_version": jax.__version__,
             "jtrain_version": _jtrain_version(),
         }
-        custom = {"data": data_state, "config": dict(config), "meta": meta, "layout": layout}
-        custom["checksums"] = {group: int(value) for group, value in sums.items()}
-        args = ocp.args.Composite(state=ocp.args.PyTreeSave(packed_state.nest(packed)))
+        custom = checkpoint_data.gathered(data_state)
+        custom |= {"config": dict(config), "meta": meta, "layout": layout, "checksums": sums}
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(tree))
         found = metrics is not None and self.best_metric in metrics
         best = {self.best_metric: metrics[self.best_metric]} if found else None
         self.wait()  # the previous save's failure is reported as that step's
@@ -231,16 +223,15 @@ class Checkpoints:
 
     def _read(self, step: int, abstract_state: TrainState) -> tuple[TrainState, Any]:
         """(state, data_state) of checkpoint `step`: every process reads it, or none does."""
-        custom = on_every_process(lambda: _saved_layout(self.manager, step))
+        custom = on_every_process(lambda: layouts.saved_layout(self.manager, step))
         self._check_shapes(step, custom, abstract_state)
         if custom is None:
             return on_every_process(lambda: self._restore_legacy(step, abstract_state))
-        layout = custom["layout"]
-        packed = on_every_process(
-            lambda: packed_state.read(self.manager, step, layout, abstract_state)
+        arrays = on_every_process(
+            lambda: layouts.read_arrays(self.manager, step, custom["layout"], abstract_state)
         )
-        checkpoint_integrity.verify(packed, custom.get("checksums"))
-        return packed_state.unpack(packed, layout, abstract_state), custom["data"]
+        state = layouts.restored(arrays, custom, abstract_state)
+        return state, checkpoint_data.own(custom, f"checkpoint {self.directory}/{step}")
 
     def _move_aside(self, damaged: list[tuple[int, str]], *, fell_back_to: int) -> None:
         """Moves damaged checkpoints out of Orbax's directory: left there, the step they
@@ -328,6 +319,12 @@ def load_params(
     """Parameters only (no optimizer or data state) from a jtrain workdir or checkpoint dir:
     of its newest readable checkpoint (damaged ones passed over with a warning), or of `step`.
     Messages begin with `config_key`=path, the setting that named it (None: nothing)."""
+    if URL.match(path):
+        raise CheckpointError(
+            f"{config_key or 'the checkpoint path'}={path} is a URL, and jtrain reads "
+            "checkpoints from local paths only: mount the bucket (e.g. with gcsfuse) and give "
+            "the mounted path"
+        )
     path = os.path.abspath(os.path.expanduser(path))  # Orbax takes absolute paths only
     prefix = f"{config_key}={path!r}: " if config_key else ""
     directory = checkpoints_directory(path)
@@ -356,15 +353,16 @@ def load_params(
 
 def _read_params(manager: ocp.CheckpointManager, step: int, *, abstract, prefix: str):
     """The parameters of checkpoint `step`: every process reads them, or none does."""
-    custom = on_every_process(lambda: _saved_layout(manager, step))
+    custom = on_every_process(lambda: layouts.saved_layout(manager, step))
     if custom is None:
         return on_every_process(lambda: _read_legacy_params(manager, step, abstract, prefix))
     layout, abstract = _trunk_only(custom["layout"], abstract)
     problems = packed_state.layout_problems(layout, abstract, "params/")
     _refuse_mismatch(prefix, manager, step, problems)
-    packed = on_every_process(lambda: packed_state.read(manager, step, layout, abstract, "params/"))
-    checkpoint_integrity.verify(packed, custom.get("checksums"))
-    return packed_state.unpack(packed, layout, abstract, "params/")
+    arrays = on_every_process(
+        lambda: layouts.read_arrays(manager, step, layout, abstract, "params/")
+    )
+    return layouts.restored(arrays, {**custom, "layout": layout}, abstract, "params/")
 
 
 def _read_legacy_params(manager: ocp.CheckpointManager, step: int, abstract, prefix: str):

@@ -1,12 +1,12 @@
-"""Checksums of a checkpoint's packed arrays: computed at save, verified at restore.
+"""Checksums of a checkpoint's arrays: computed at save, verified at restore.
 
 A disk, a copy or a network filesystem may hand back other bytes than were written without
 any read error: flipped bits in a weight load silently and change the losses, or turn into
-NaN that is blamed on the learning rate. So each packed array (jtrain.packed_state: a few
-flat arrays, one per group and dtype) gets a 32-bit checksum in the step's metadata, computed
-on the devices in the same dispatch that packs the state, and recomputed on the devices from
-the arrays a restore read. A mismatch makes the checkpoint damaged: restoring falls back to an
-older one (jtrain.checkpoint).
+NaN that is blamed on the learning rate. So each saved array (a packed group of
+jtrain.packed_state, or a leaf of jtrain.array_state) gets a 32-bit checksum in the step's
+metadata, computed on the devices in the same dispatch as the finite check, and recomputed on
+the devices from the arrays a restore read. A mismatch makes the checkpoint damaged:
+restoring falls back to an older one (jtrain.checkpoint).
 
 The checksum is the sum, modulo 2**32, of a bijective mix of every 32-bit word. A change to
 any one word always changes it; any other change goes unnoticed with probability 2**-32.
@@ -31,12 +31,12 @@ class ChecksumMismatch(ValueError):
 
 
 def _words(x: jax.Array) -> jax.Array:
-    """The array's bytes as uint32 words (narrower types widened, wider ones split)."""
-    x = x.ravel()
+    """The array's bytes as uint32 words (narrower types widened, wider ones split), in its
+    own shape: flattening an array sharded along an inner axis would gather it whole."""
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
     bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).ravel()
+    return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
 
 
 def _mix(w: jax.Array) -> jax.Array:

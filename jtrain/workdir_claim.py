@@ -44,7 +44,7 @@ from jtrain import (
 )
 from jtrain import config as config_lib
 from jtrain import workdir_guard as rules
-from jtrain.checkpoint import CheckpointError
+from jtrain.checkpoint import URL, CheckpointError
 from jtrain.tasks.base import Task
 from jtrain.workdir_lock import WorkdirError
 
@@ -78,7 +78,6 @@ OWN_NAMES = frozenset(
 # Kept when another run is replaced: the lock is this run's, and damaged checkpoints are
 # evidence of the disk, not of that run.
 _KEPT = frozenset({workdir_lock.FILE, _DAMAGED})
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _TEMPORARY = re.compile(r"\.\d+\.tmp$")  # jtrain.atomic's, left by a killed write
 
 
@@ -122,7 +121,7 @@ def check_path(workdir: str) -> None:
             "--workdir is empty: give the directory for the run's config, metrics and "
             "checkpoints (a new or empty one for a new run)"
         )
-    if _URL.match(workdir):
+    if URL.match(workdir):
         raise WorkdirError(
             f"--workdir={workdir} is a URL, and jtrain writes to local paths only: use a local "
             "directory, or mount the bucket (e.g. with gcsfuse) and give the mounted path"
