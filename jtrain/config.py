@@ -32,11 +32,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """
     _finite_numbers(config.to_dict())
     task_class = tasks.task_class(config.task)
-    kind, allowed = (
-        config.model.get("kind", "transformer"),
-        models.kinds_reading(task_class.model_reads),
-    )
-    why = f"task={config.task} needs a model of {task_class.model_reads}; allowed: "
+    reads = task_class.reads(config)
+    kind, allowed = config.model.get("kind", "transformer"), models.kinds_reading(reads)
+    why = f"task={config.task} needs a model of {reads}; allowed: "
     require(kind in allowed, "model.kind", kind, why + ", ".join(allowed))
     models.family_of(config.model).validate(config)
     lora.validate(config)

@@ -69,7 +69,8 @@ def test_bad_value_fails_before_compiling_and_says_what_is_allowed(tmp_path):
         (
             "task",
             "ppo",
-            "allowed: classify, dpo, grpo, lm, regress, reward, sft, or module.path:ClassName",
+            "allowed: classify, distill, dpo, grpo, lm, regress, reward, sft, or "
+            "module.path:ClassName",
         ),
         ("task", "no_such_module:MyTask", "cannot import 'no_such_module'"),
         ("eval.split", "train", "allowed: val, test"),

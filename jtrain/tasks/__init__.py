@@ -1,7 +1,7 @@
 """Training objectives, registered by name: `config.task` picks one.
 
 `task=NAME` names a registered Task (`lm`, `sft`, `dpo`, `reward`, `grpo`, `classify`,
-`regress`);
+`regress`, `distill`);
 `task=module.path:ClassName` loads a user's own Task subclass from their code. A new objective
 is a new module that subclasses `jtrain.tasks.base.Task` and decorates it with
 `register("name")`.
@@ -70,4 +70,4 @@ def _user_task(spec: str) -> type[Task]:
 
 
 def _load_builtin() -> None:
-    from jtrain.tasks import classify, dpo, grpo, lm, regress, reward, sft  # noqa: F401
+    from jtrain.tasks import classify, distill, dpo, grpo, lm, regress, reward, sft  # noqa: F401
