@@ -5,17 +5,18 @@ context of 8,192 tokens in bfloat16 with every block rematerialised.
 A recipe for accelerators, not for a CPU: it trains on the embedded CPython docs by default so
 that it runs as it stands; give it real data and Llama 3's tokenizer for real work
 (`--config.data.source=prepared:DIR --config.data.tokenizer=hf:meta-llama/Meta-Llama-3-8B`).
-`python -m jtrain.plan` says before a run whether and how it fits (benchmarks/results/
-plan_llama3.txt holds the plans for these topologies). Those are estimates: compiled
-for v5p:4x4x4 (jtrain.aot, benchmarks/results/aot_llama3.txt) XLA needs more than the
-chip's memory, because its attention keeps several float32 [rows, heads, 8192, 8192]
-arrays live; check with `--aot` before renting the topology:
+Each chip holds one sequence at a time (train.microbatches), since XLA's attention keeps
+float32 [rows, heads, 8192, 8192] scores while a block is differentiated (~7 bytes per score,
+15 GiB per sequence): `python -m jtrain.plan` and a compile for the topology agree that it fits
+(benchmarks/results/plan_llama3.txt, aot_llama3.txt):
 
-    v5p-128 (64 chips, 4x4x4), FSDP over every chip, 4 sequences per chip:
-        python -m jtrain.plan --config=llama3_8b --accelerator=v5p --chips=64
-    8x H100 80GB (one node), FSDP over the 8 GPUs, 8 micro-batches of 4 sequences per GPU:
+    v5p-128 (64 chips, 4x4x4), FSDP over every chip, 4 micro-batches of one sequence per chip
+    (plan 58.7 GiB per chip; XLA's compile 68.3 GiB of 95.7):
+        python -m jtrain.plan --config=llama3_8b --accelerator=v5p --chips=64 --aot=v5p:4x4x4
+    8x H100 80GB (one node): the plan suggests FSDP 4 x tensor 2 and 32 micro-batches
+    (45 GiB per GPU; an estimate, with XLA's TPU behaviour assumed, not compiled for a GPU):
         python -m jtrain.plan --config=llama3_8b --accelerator=h100 --chips=8 \\
-            --config.train.microbatches=8
+            --config.mesh.fsdp=4 --config.mesh.tensor=2 --config.train.microbatches=32
 
 The same --config flags train: `python -m jtrain.main --config=llama3_8b --workdir=DIR ...`.
 """
@@ -46,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.loss_chunk = 1024
     c.train.seq_len = 8192  # Llama 3's pretraining context
     c.train.batch_size = 256  # 2M tokens per step
+    # One sequence per chip at a time on 64 chips (4 on each): see the docstring.
+    c.train.microbatches = 4
     c.train.steps = 1000
     c.train.log_every = 10
     c.eval.every_steps = 250

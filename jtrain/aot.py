@@ -146,9 +146,9 @@ def _save_path(state) -> dict:
     }
 
 
-def compile_report(config, topology: str) -> dict:
-    """Compiles `config`'s train step (and checkpoint packing) for a TPU topology; returns
-    XLA's per-device memory, the step's FLOPs and the compile time.
+def compile_report(config, topology: str, *, save_path: bool = True) -> dict:
+    """Compiles `config`'s train step (and, with save_path, the checkpoint save's device side)
+    for a TPU topology; returns XLA's per-device memory, the step's FLOPs and the compile time.
 
     The slices compiled for are the product of mesh.dcn_* (one unless the config is
     multislice); the mesh sizes fill each slice as on the real hardware. A step that does
@@ -186,7 +186,8 @@ def compile_report(config, topology: str) -> dict:
     report["fits"] = True
     # XLA's cost analysis, a loop body (the scanned layers) counted once: not the step's.
     report["xla_cost_flops_per_device"] = float((compiled.cost_analysis() or {}).get("flops", 0))
-    report["save"] = _save_path(state)
+    if save_path:
+        report["save"] = _save_path(state)
     return report
 
 

@@ -95,58 +95,78 @@ class Split:
         return cls(rows, ways("heads"), ways("kv_heads"), ways("mlp"), ways("vocab"), ways("embed"))
 
 
-def activation_bytes(cfg: TransformerConfig, seq_len: int, split: Split, kernel: str) -> dict:
-    """Bytes per device of activations (by remat policy), the gathered weights of one layer
-    and the batch, for one micro-batch of a decoder's LM step.
+# Measured on XLA's TPU compiler (benchmarks/plan_calibration.py compiles small variants of
+# the Llama recipe; tests/golden/plan_memory.json holds XLA's figures). XLA's attention forms
+# [rows, heads, L, L] scores: with remat=none each block keeps, per score, its float32 softmax
+# and logits and the compute-dtype probabilities (~10 bytes); the backward pass of one block
+# then needs ~7 bytes per score on top (the probabilities' gradient and the softmax's).
+SCORE_BYTES_KEPT = 10
+SCORE_BYTES_BACKWARD = 7
+# Under FSDP XLA gathers every layer's weights in the compute dtype and holds their float32
+# gradient whole before reduce-scattering it, and it does not free them layer by layer: the
+# recipes' compiles (8B on 64 chips, 70B on 256) hold ~e + 4 bytes per layer parameter through
+# the step (small models at fsdp 4 hold ~e; the plan keeps the larger figure).
+GRADIENT_BYTES = 4
 
-    Per block, with T = rows x L tokens on the device and e bytes per compute-dtype value,
-    autodiff keeps: both norms' inputs and outputs (4D), q, k, v and the attention output
-    (2 HK + 2 GK), the MLP's gate, up, activation and product (4F; 2F ungated), and the
-    attention probabilities: XLA's float32 softmax and its compute-dtype copy, rows x H x L^2
-    x (4 + e), or cuDNN's per-row log-sum-exp (H x L x 4). Korthikanti et al.'s
-    34 sbh + 5 as^2 b counts the same tensors for GPT with dropout in 16 bits.
-    remat=none keeps every block's; full keeps each block's input (TD) and recomputes one
-    block at a time; dots keeps the input and the outputs of the projections (q, k, v, o,
-    gate, up, down). The head keeps the final hidden states and, per chunk of
-    model.loss_chunk positions (the whole row without), logits in e and float32 bytes and
-    their float32 gradient.
+
+def activation_bytes(cfg: TransformerConfig, seq_len: int, split: Split, kernel: str) -> dict:
+    """Bytes per device of activations (by remat policy) and of the weights FSDP gathers, for
+    one micro-batch of a decoder's LM step; the terms are XLA's, measured (see above).
+
+    T = rows x L tokens on the device, e bytes per compute-dtype value, S = rows x heads x L^2
+    attention scores. A block's tensors for its backward pass (after Korthikanti et al. 2022,
+    section 4, adapted to jtrain's block: no dropout, GQA, SwiGLU) are both norms' inputs and
+    outputs (4D), q, k, v and the attention output (2 HK + 2 GK), the MLP's gate, up,
+    activation and product (4F; 2F ungated): T e (4D + 2HK + 2GK + 4F), plus the scores'.
+    Kept across the layer loop: remat=none every block's tensors and scores (S x 10 bytes);
+    full only each block's input (the scan's carry, T D e); dots, as XLA compiles it, the input
+    and nearly all the block's tensors but its scores (the projections' outputs and what is
+    computed from them). The peak adds, for the block being differentiated, its recomputed
+    tensors and the scores' gradients (S x 7 bytes), or, when larger, the LM head's: one chunk of
+    model.loss_chunk positions (the whole row without) of logits in e and float32 bytes and
+    their float32 gradient, with the head's gathered weights; the two never live at once.
+    cuDNN keeps a float32 log-sum-exp per query and head instead of scores. The final hidden
+    states (T D e) and packed rows' [B, 1, L, L] boolean mask come on top.
     """
     e = np.dtype(DTYPES[cfg.dtype]).itemsize
     tokens = split.rows * seq_len
     d, f = cfg.d_model, cfg.d_ff / split.mlp
     q = cfg.n_heads * cfg.head_dim / split.heads
     kv = cfg.n_kv_heads * cfg.head_dim / split.kv_heads
-    heads = cfg.n_heads / split.heads
     mlp_outputs = 4 if cfg.mlp_gated else 2
+    scores = split.rows * cfg.n_heads / split.heads * seq_len**2
     if kernel == "cudnn":
-        probabilities = split.rows * heads * seq_len * 4
+        kept_scores = backward_scores = split.rows * cfg.n_heads / split.heads * seq_len * 4
     else:
-        probabilities = split.rows * heads * seq_len**2 * (4 + e)
-    block = tokens * e * (4 * d + 2 * q + 2 * kv + mlp_outputs * f) + probabilities
+        kept_scores, backward_scores = scores * SCORE_BYTES_KEPT, scores * SCORE_BYTES_BACKWARD
+    block = tokens * e * (4 * d + 2 * q + 2 * kv + mlp_outputs * f)
     carry = tokens * d * e  # a block's input, the scan's carry
-    projections = tokens * e * (q + 2 * kv + 2 * d + mlp_outputs // 2 * f)
-    kept = {
-        "none": cfg.n_layers * block,
-        "full": cfg.n_layers * carry + block,
-        "dots": cfg.n_layers * (carry + projections) + block,
+    kept, recomputed = {
+        "none": (block + kept_scores, 0),
+        "full": (carry, block),
+        "dots": (carry + block, block),
     }[cfg.remat]
     chunk = cfg.loss_chunk if 0 < cfg.loss_chunk < seq_len else seq_len
-    head = carry + split.rows * chunk * cfg.vocab_size / split.vocab * (e + 4 + 4)
+    vocab = cfg.vocab_size / split.vocab
+    head = split.rows * chunk * vocab * (e + 4 + 4)
+    if split.fsdp > 1:  # the head's gathered weights and their gradient, while it runs
+        head += d * vocab * (e + GRADIENT_BYTES)
+    peak = max(recomputed + backward_scores, head)
     mask = split.rows * seq_len**2  # packed rows' [B, 1, L, L] document mask, in bytes
-    return {"activations": int(kept + head + mask), "gathered_weights": _gathered(cfg, split, e)}
+    activations = cfg.n_layers * kept + carry + peak + mask
+    return {"activations": int(activations), "gathered_weights": _gathered(cfg, split, e)}
 
 
 def _gathered(cfg: TransformerConfig, split: Split, e: int) -> int:
-    """FSDP gathers each weight whole along "embed" for its matmul: one layer's weights (or the
-    head's, whichever is larger) in the compute dtype, and their float32 gradient before it is
-    reduce-scattered. Zero without FSDP: the weights are then resident, counted as parameters."""
+    """What XLA holds of FSDP's gathered layer weights: every layer's, whole along "embed", in
+    the compute dtype with their float32 gradient (see GRADIENT_BYTES). Zero without FSDP: the
+    weights are then resident, counted as parameters."""
     if split.fsdp == 1:
         return 0
     d, k = cfg.d_model, cfg.head_dim
     attention = d * k * (cfg.n_heads / split.heads * 2 + cfg.n_kv_heads / split.kv_heads * 2)
     mlp = d * cfg.d_ff / split.mlp * (3 if cfg.mlp_gated else 2)
-    head = d * cfg.vocab_size / split.vocab
-    return int(max(attention + mlp, head) * (e + 4))
+    return int(cfg.n_layers * (attention + mlp) * (e + GRADIENT_BYTES))
 
 
 def batch_bytes(config, sizes: tuple[int, ...], rules) -> int:

@@ -95,7 +95,7 @@ def _memory_detail(plan: dict, key: str) -> str:
     if key == "activations":
         return f"remat {plan['remat']}, {plan['attention']} attention"
     if key == "gathered_weights":
-        return "one layer's weights gathered by FSDP, and their gradient"
+        return "every layer's weights gathered by FSDP, with their float32 gradient"
     if key == "gradients" and plan["microbatches"] > 1:
         return "float32, twice: the micro-batches' sum and the current one"
     return ""
