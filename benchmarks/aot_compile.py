@@ -77,7 +77,7 @@ def describe(config_path: str, report: dict) -> list[str]:
     save = report["save"]["memory_per_device_bytes"]
     lines += [
         "  train step per device     " + ", ".join(f"{k} {memory[k] / GIB:.2f} GiB" for k in kinds),
-        "  checkpoint packing        "
+        f"  checkpoint save ({report['save']['layout']})".ljust(28)
         + ", ".join(f"{k} {save[k] / GIB:.2f} GiB" for k in kinds)
         + f" (compile {report['save']['compile_s']:.1f} s)",
         *flops,

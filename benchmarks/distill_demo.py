@@ -7,7 +7,7 @@ taken away (`task` set to the student's own task, `distill.task`):
 - lm: configs/distill_lm.py, a half-width student of the default language model (runs/default);
   compared on the validation split's next-byte loss (`ce` of the distilled run, `loss` of
   the other: the same cross-entropy over the same bytes), lower is better.
-- digits: configs/distill_digits.py, a CNN a sixteenth the size of the digits CNN
+- digits: configs/distill_digits.py, a CNN a ninth the size of the digits CNN
   (runs/digits_cnn); compared on test accuracy (at the best validation epoch: both runs use
   the recipe's early stopping), higher is better, over --seeds seeds.
 

@@ -107,6 +107,15 @@ def _config_flag_problem(err: Exception) -> str:
     return f"a --config override names no config key {key!r} (see the config file's keys)"
 
 
+def required(*names: str) -> None:
+    """A UserError (one `error:` line) naming the first of these flags not given. Not absl's
+    mark_flags_as_required: that marks the process-wide flag, and another command imported in
+    the same process (tests, notebooks) would then refuse to parse without it."""
+    for name in names:
+        if flags.FLAGS[name].value is None:
+            raise errors.UserError(f"--{name} is required (--helpshort lists the flags)")
+
+
 def start(argv: list[str]) -> None:
     """Raises UsageError for positional arguments; logs at WARNING unless --verbosity is set."""
     if len(argv) > 1:

@@ -19,11 +19,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Join a multi-process run JAX detects (TPU pod, GKE, SLURM, Open MPI)."
 )
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
     cli.start(argv)
+    cli.required("config", "workdir")
     with errors.reported():
         # Before anything touches a device.
         distributed.initialize(

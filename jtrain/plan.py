@@ -45,7 +45,6 @@ _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation the step time ass
 _PRICE = flags.DEFINE_float("price", 0.0, "USD per chip-hour, for the cost (0 = no cost).")
 _AOT = flags.DEFINE_string("aot", "", "A TPU topology (v5p:4x4x4) to compile the step for.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-flags.mark_flags_as_required(["config"])
 
 
 def make_plan(config, accelerator: str, chips: int | None, mfu: float, price: float) -> dict:
@@ -166,6 +165,7 @@ def with_compiled(plan: dict, config, topology: str) -> dict:
 
 def main(argv: list[str]) -> None:
     cli.start(argv)
+    cli.required("config")
     with errors.reported():
         out = sys.stderr if _JSON.value else sys.stdout
         with contextlib.redirect_stdout(out):  # status lines must not break the JSON

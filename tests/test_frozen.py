@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jtrain import checkpoint, models, pretrained, run, tasks
+from jtrain import checkpoint, checkpoint_layout, models, pretrained, run, tasks
 from jtrain.experiment import Experiment
 from jtrain.models.transformer import Decoder
 from jtrain.state import BASE
@@ -83,7 +83,7 @@ def test_frozen_models_are_never_checkpointed_and_are_rebuilt_on_resume(teacher,
     straight = str(tmp_path / "straight")
     run.train_and_evaluate(config, straight, task=DistilledLM(config, teacher))
     ckpts = checkpoint.Checkpoints(straight, config.checkpoint)
-    layout = checkpoint._saved_layout(ckpts.manager, 8)["layout"]
+    layout = checkpoint_layout.saved_layout(ckpts.manager, 8)["layout"]
     ckpts.close()
     assert not [e["name"] for e in layout["leaves"] if e["name"].startswith("frozen")]
     # Lose the last checkpoint and run the same command again: it resumes at step 4, loads

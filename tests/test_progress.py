@@ -204,7 +204,9 @@ def test_terminal_run_redraws_a_bar_below_intact_metric_lines(terminal_run):
     assert not any("eta" in row for row in metric_rows)  # the bar says it, not the lines
     bars = [row for row in rows if "elapsed" in row]
     assert len(bars) == 1 and re.fullmatch(r"8/8 \[[█#]+\] 100% \| .* \| done", bars[0])
-    after = rows[rows.index(bars[0]) + 1 :]  # the bar ends before the end-of-run lines
+    # The bar ends before the end-of-run lines (metric lines, then status lines such as the
+    # drift profile's).
+    after = [r for r in rows[rows.index(bars[0]) + 1 :] if r.startswith("step ")]
     assert [r.split(" | ")[1] for r in after] == ["test", "train"] and "wall_time" in after[-1]
 
 
