@@ -10,8 +10,10 @@ the process's own backend (the CPU) stays the default for everything else.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import math
+import multiprocessing
 import os
 import re
 import time
@@ -38,8 +40,9 @@ class TopologyError(UserError, ValueError):
     """A topology name libtpu cannot build."""
 
 
-def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
-    """The compile-only devices of `slices` slices of `topology` ("v5e:2x2", "v5p:4x4x8")."""
+def check_available(topology: str) -> None:
+    """TopologyError for a malformed topology name, AotUnavailable without libtpu: what can be
+    told before libtpu loads."""
     if not _TOPOLOGY.match(topology):
         raise TopologyError(
             f"topology {topology!r} is not of the form GENERATION:SHAPE: use e.g. v5e:2x2, "
@@ -50,6 +53,23 @@ def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
             f"compiling for TPU topology {topology} on this host needs libtpu, which is not "
             f'installed: pip install {LIBTPU_PIN} (or pip install "jtrain[test]"; about 140 MB).'
         )
+
+
+def in_child(fn, *args):
+    """fn(*args) in a fresh (spawned) process, its result or exception returned here.
+
+    Loading libtpu changes a process for good: it registers a compile-only TPU client, which
+    jax.profiler then crashes on, and prints host-probe warnings. So the TPU compiles run
+    in a child, and the caller's process stays as it was."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
+    """The compile-only devices of `slices` slices of `topology` ("v5e:2x2", "v5p:4x4x8"),
+    loaded into this process (compile_report does it in a child)."""
+    check_available(topology)
     _quiet_host_probes()
     from jax.experimental import topologies
 
@@ -153,7 +173,14 @@ def compile_report(config, topology: str, *, save_path: bool = True) -> dict:
     The slices compiled for are the product of mesh.dcn_* (one unless the config is
     multislice); the mesh sizes fill each slice as on the real hardware. A step that does
     not fit the chip's memory comes back with "fits": False and XLA's figures from its error.
+    The compiling happens in a child process (`in_child`).
     """
+    check_available(topology)
+    return in_child(compile_report_here, config, topology, save_path)
+
+
+def compile_report_here(config, topology: str, save_path: bool = True) -> dict:
+    """compile_report in this process (libtpu loads into it)."""
     slices = math.prod(mesh_lib.dcn_shape(config.mesh))
     devices = topology_devices(topology, slices)
     exp = Experiment.from_config(config, devices)

@@ -19,6 +19,12 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
+def _clients():
+    from jax._src import xla_bridge
+
+    return list(xla_bridge.backends().values())
+
+
 def tiny(**mesh):
     config = config_lib.load("configs/tiny.py")
     config.mesh.update(mesh)
@@ -55,6 +61,8 @@ def test_a_tiny_model_compiles_for_v5e_2x2_with_xla_memory_and_flops(report):
 
 @needs_libtpu
 def test_the_process_keeps_its_cpu_backend_after_compiling_for_tpu(report):
+    # The compile ran in a child: libtpu never loaded here, and the CPU is the backend.
+    assert not any(client.platform == "tpu" for client in _clients())
     assert jax.default_backend() == "cpu" and len(jax.devices()) == 8
     assert jnp.ones(2).sum().devices() == {jax.devices()[0]}
 
@@ -74,14 +82,27 @@ def test_rematerialised_layers_add_their_forward_products_to_the_count():
     assert plain < remat < plain * 4 / 3
 
 
+def _two_slice_mesh(config) -> tuple[dict, list]:
+    """(mesh shape, slice index of each device on the data x fsdp face), in a child process:
+    libtpu loaded here would stay in the test process (see aot.in_child)."""
+    mesh = mesh_lib.make_mesh(config.mesh, aot.topology_devices("v5e:2x2", slices=2))
+    return dict(mesh.shape), [[d.slice_index for d in row] for row in mesh.devices[:, :, 0]]
+
+
+def _mismatched_slices(config) -> str:
+    try:
+        mesh_lib.make_mesh(config.mesh, aot.topology_devices("v5e:2x2", slices=2))
+    except ConfigError as err:
+        return str(err)
+    return ""
+
+
 @needs_libtpu
 def test_two_slices_build_a_hybrid_mesh_and_compile():
     config = tiny(data=1, fsdp=-1, dcn_data=2)
-    devices = aot.topology_devices("v5e:2x2", slices=2)
-    mesh = mesh_lib.make_mesh(config.mesh, devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    shape, slices = aot.in_child(_two_slice_mesh, config)
+    assert shape == {"data": 2, "fsdp": 4, "tensor": 1}
     # The data axis crosses the DCN; fsdp stays within a slice.
-    slices = [[d.slice_index for d in row] for row in mesh.devices[:, :, 0]]
     assert slices == [[0] * 4, [1] * 4]
     report = aot.compile_report(config, "v5e:2x2")
     assert (report["slices"], report["chips"]) == (2, 8)
@@ -91,9 +112,8 @@ def test_two_slices_build_a_hybrid_mesh_and_compile():
 
 @needs_libtpu
 def test_dcn_sizes_must_multiply_to_the_slices():
-    devices = aot.topology_devices("v5e:2x2", slices=2)
-    with pytest.raises(ConfigError, match="asks for 4 slices, but the devices form 2"):
-        mesh_lib.make_mesh(tiny(data=-1, dcn_fsdp=4).mesh, devices)
+    message = aot.in_child(_mismatched_slices, tiny(data=-1, dcn_fsdp=4))
+    assert "asks for 4 slices, but the devices form 2" in message
 
 
 def test_dcn_on_devices_without_slices_names_the_keys():
