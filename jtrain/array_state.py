@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jtrain import checkpoint_integrity
-from jtrain.packed_state import is_key, path_name, wanted
+from jtrain.packed_state import built_once, is_key, path_name, wanted
 
 KIND = "arrays"
 
@@ -79,14 +79,7 @@ _CHECKERS: dict = {}  # compiled once per process and state structure
 
 def checker_for(state):
     """(layout, jitted check) for states shaped and sharded like `state`, built once."""
-    leaves, treedef = jax.tree.flatten(state)
-    key = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
-    if key not in _CHECKERS:
-        if len(_CHECKERS) >= 8:  # tests build many small models; a run builds one
-            _CHECKERS.clear()
-        layout = layout_of(state)
-        _CHECKERS[key] = layout, _checker(layout)
-    return _CHECKERS[key]
+    return built_once(_CHECKERS, state, layout_of, lambda layout, leaves: _checker(layout))
 
 
 def read(manager, step: int, layout: dict, abstract_tree, prefix: str = "") -> dict:

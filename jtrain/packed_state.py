@@ -119,16 +119,27 @@ _PACKERS: dict = {}
 _UNPACKERS: dict = {}
 
 
-def packer_for(state):
-    """(layout, jitted pack) for states shaped and sharded like `state`, built once."""
+def built_once(cache: dict, state, layout_fn, build):
+    """(layout_fn(state), build(layout, leaves)) for states shaped and sharded like `state`,
+    from `cache` when it has them: a save's jitted programs compile once per structure."""
     leaves, treedef = jax.tree.flatten(state)
     key = (treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
-    if key not in _PACKERS:
-        if len(_PACKERS) >= 8:  # tests build many small models; a run builds one
-            _PACKERS.clear()
-        layout = layout_of(state)
-        _PACKERS[key] = layout, _packer(layout, [x.sharding for x in leaves])
-    return _PACKERS[key]
+    if key not in cache:
+        if len(cache) >= 8:  # tests build many small models; a run builds one
+            cache.clear()
+        layout = layout_fn(state)
+        cache[key] = layout, build(layout, leaves)
+    return cache[key]
+
+
+def packer_for(state):
+    """(layout, jitted pack) for states shaped and sharded like `state`, built once."""
+    return built_once(
+        _PACKERS,
+        state,
+        layout_of,
+        lambda layout, leaves: _packer(layout, [x.sharding for x in leaves]),
+    )
 
 
 def _unpack(packed: dict, entries: list[dict], abstract_leaves: list):
