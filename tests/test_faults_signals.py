@@ -17,8 +17,10 @@ from jtrain import metrics
 from tests import conftest, faults
 
 # One Grain worker process: Ctrl-C reaches it too, and it must outlive neither its trainer
-# nor the step the trainer saves.
-FLAGS = (*faults.ARGS, "--config.data.workers=1")
+# nor the step the trainer saves. Steps enough that the run cannot finish by itself: with a
+# warm compile cache the tiny run's 60 steps took less time than the test needed to see step
+# 3 and send the Ctrl-C (a fresh-clone CI run saw it exit 0 with no notice).
+FLAGS = (*faults.ARGS, "--config.data.workers=1", "--config.train.steps=1000000")
 NOTICE = "jtrain: SIGINT received"
 
 
@@ -44,12 +46,9 @@ def test_ctrl_c_saves_and_exits_0_and_a_second_ctrl_c_quits_at_once(tmp_path):
         faults.ctrl_c(proc)
         # The Ctrl-C first: a SIGTERM sent microseconds after it may reach another thread and
         # be noticed first (the run then stops for the SIGTERM, just as well).
-        # (A tiny run may also save and exit before this loop looks: the asserts below check
-        # the notice either way.)
         stderr = lambda: faults.job_output(workdir)[1]  # noqa: E731
+        faults.wait_until(lambda: NOTICE in stderr(), proc, "the Ctrl-C notice")
         deadline = time.time() + 120
-        while NOTICE not in stderr() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
         while proc.poll() is None and time.time() < deadline:
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.05)
