@@ -20,6 +20,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,55 +98,101 @@ def _attend_mask(slots_T, key_valid_BxS, key_pos_BxS, query_pos_BxT, window: int
     return mask[:, None]
 
 
-def _generate(state, prompts_BxP, lengths_B, max_new, stops, temperature_B, top_k_B, top_p_B,
-              rng, *, graphdef, new_bucket: int):  # fmt: skip
+@flax.struct.dataclass
+class _Loop:
+    """The decode loop's state between calls: `step` tokens sampled per row so far, every
+    layer's cache, the tokens and log-probabilities so far, which rows are done, and what the
+    rows were asked for. Donated to each decode call, so the caches are updated in place."""
+
+    step: jax.Array
+    kv: list
+    tokens_BxN: jax.Array
+    logprobs_BxN: jax.Array
+    done_B: jax.Array
+    lengths_B: jax.Array
+    max_new: jax.Array
+    stops: jax.Array
+    temperature_B: jax.Array
+    top_k_B: jax.Array
+    top_p_B: jax.Array
+    rng: jax.Array
+
+
+def _slots(loop: _Loop, prompt_len: int):
+    """Which cache slots hold real tokens ([B, S]) and their positions ([B, S])."""
+    slots_S = jnp.arange(loop.kv[0][0].shape[2])
+    pads_B = prompt_len - loop.lengths_B
+    return slots_S[None, :] >= pads_B[:, None], jnp.maximum(slots_S[None, :] - pads_B[:, None], 0)
+
+
+def _sample(loop: _Loop, logits_BxV, i):
+    return sample_tokens(
+        logits_BxV, jax.random.fold_in(loop.rng, i), loop.temperature_B, loop.top_k_B, loop.top_p_B
+    )
+
+
+def _prefill(state, prompts_BxP, lengths_B, max_new, stops, temperature_B, top_k_B, top_p_B,
+             rng, *, graphdef, new_bucket: int) -> _Loop:  # fmt: skip
+    """Every prompt in one forward pass that fills the caches, and each row's first token."""
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
     (batch, prompt_len), slots = prompts_BxP.shape, prompts_BxP.shape[1] + new_bucket
-    pads_B = prompt_len - lengths_B
-    slots_S = jnp.arange(slots)
-    key_valid_BxS = slots_S[None, :] >= pads_B[:, None]
-    key_pos_BxS = jnp.maximum(slots_S[None, :] - pads_B[:, None], 0)
-    cache_shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
-    zeros = jnp.zeros(cache_shape, DTYPES[cfg.dtype])  # keys and values in the compute dtype
-    window = cfg.sliding_window
-    sample = functools.partial(
-        sample_tokens, temperature_B=temperature_B, top_k_B=top_k_B, top_p_B=top_p_B
+    # Keys and values in the compute dtype, one pair of buffers per layer.
+    zeros = jnp.zeros((batch, cfg.n_kv_heads, slots, cfg.head_dim), DTYPES[cfg.dtype])
+    loop = _Loop(
+        jnp.ones((), jnp.int32), [(zeros, zeros)] * cfg.n_layers,
+        jnp.zeros((batch, new_bucket), jnp.int32), jnp.zeros((batch, new_bucket), jnp.float32),
+        jnp.zeros(batch, bool), lengths_B, max_new, stops, temperature_B, top_k_B, top_p_B, rng,
+    )  # fmt: skip
+    key_valid_BxS, key_pos_BxS = _slots(loop, prompt_len)
+    prompt_pos_BxP = key_pos_BxS[:, :prompt_len]
+    mask = _attend_mask(
+        jnp.arange(prompt_len), key_valid_BxS, key_pos_BxS, prompt_pos_BxP, cfg.sliding_window
+    )
+    caches = [KVCache(k, v, jnp.zeros((), jnp.int32), mask) for k, v in loop.kv]
+    hidden, caches = model.decode(prompts_BxP, prompt_pos_BxP, caches)
+    token_B, logprob_B = _sample(loop, model.logits(hidden[:, -1:])[:, 0], 0)
+    return loop.replace(
+        kv=[(c.k, c.v) for c in caches],
+        tokens_BxN=loop.tokens_BxN.at[:, 0].set(token_B),
+        logprobs_BxN=loop.logprobs_BxN.at[:, 0].set(logprob_B),
+        done_B=jnp.isin(token_B, stops),
     )
 
-    prompt_pos_BxP = key_pos_BxS[:, :prompt_len]
-    mask = _attend_mask(slots_S[:prompt_len], key_valid_BxS, key_pos_BxS, prompt_pos_BxP, window)
-    cache = KVCache(zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), mask)
-    hidden, cache = model.decode(prompts_BxP, prompt_pos_BxP, cache)
-    token_B, logprob_B = sample(model.logits(hidden[:, -1:])[:, 0], jax.random.fold_in(rng, 0))
-    tokens_BxN = jnp.zeros((batch, new_bucket), jnp.int32).at[:, 0].set(token_B)
-    logprobs_BxN = jnp.zeros((batch, new_bucket), jnp.float32).at[:, 0].set(logprob_B)
-    done_B = jnp.isin(token_B, stops)
 
-    def more(carry):
-        i, _, _, _, done_B = carry
-        return (i < max_new) & ~jnp.all(done_B)
+def _decode(state, loop: _Loop, until, *, graphdef) -> _Loop:
+    """One token per iteration for every row, in one `lax.while_loop`, until `until` tokens
+    are sampled, every row is done, or the budget is spent."""
+    model = nnx.merge(graphdef, state)
+    prompt_len = loop.kv[0][0].shape[2] - loop.tokens_BxN.shape[1]
+    key_valid_BxS, key_pos_BxS = _slots(loop, prompt_len)
+    end = jnp.minimum(loop.max_new, until)
 
-    def step(carry):
-        i, (k, v), tokens_BxN, logprobs_BxN, done_B = carry
+    def more(loop):
+        return (loop.step < end) & ~jnp.all(loop.done_B)
+
+    def step(loop):
+        i = loop.step
         slot = prompt_len + i - 1  # where the last sampled token's key and value go
-        pos_Bx1 = (lengths_B + i - 1)[:, None]
+        pos_Bx1 = (loop.lengths_B + i - 1)[:, None]
+        window = model.cfg.sliding_window
         mask = _attend_mask(slot[None], key_valid_BxS, key_pos_BxS, pos_Bx1, window)
-        last_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxN, i - 1, 1, axis=1)
-        hidden, cache = model.decode(
-            last_Bx1, pos_Bx1, KVCache(k, v, jnp.zeros((), jnp.int32), slot, mask)
+        last_Bx1 = jax.lax.dynamic_slice_in_dim(loop.tokens_BxN, i - 1, 1, axis=1)
+        caches = [KVCache(k, v, slot, mask) for k, v in loop.kv]
+        hidden, caches = model.decode(last_Bx1, pos_Bx1, caches)
+        token_B, logprob_B = _sample(loop, model.logits(hidden)[:, 0], i)
+        token_B = jnp.where(loop.done_B, 0, token_B)
+        logprob_B = jnp.where(loop.done_B, 0.0, logprob_B)
+        write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=i, axis=1)
+        return loop.replace(
+            step=i + 1,
+            kv=[(c.k, c.v) for c in caches],
+            tokens_BxN=write(loop.tokens_BxN, token_B[:, None]),
+            logprobs_BxN=write(loop.logprobs_BxN, logprob_B[:, None]),
+            done_B=loop.done_B | jnp.isin(token_B, loop.stops),
         )
-        token_B, logprob_B = sample(model.logits(hidden)[:, 0], jax.random.fold_in(rng, i))
-        token_B = jnp.where(done_B, 0, token_B)
-        tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, token_B[:, None], i, 1)
-        logprob_B = jnp.where(done_B, 0.0, logprob_B)
-        logprobs_BxN = jax.lax.dynamic_update_slice_in_dim(logprobs_BxN, logprob_B[:, None], i, 1)
-        done_B |= jnp.isin(token_B, stops)
-        return i + 1, (cache.k, cache.v), tokens_BxN, logprobs_BxN, done_B
 
-    carry = (jnp.ones((), jnp.int32), (cache.k, cache.v), tokens_BxN, logprobs_BxN, done_B)
-    _, _, tokens_BxN, logprobs_BxN, _ = jax.lax.while_loop(more, step, carry)
-    return tokens_BxN, logprobs_BxN
+    return jax.lax.while_loop(more, step, loop)
 
 
 class Sampler:
@@ -154,16 +201,24 @@ class Sampler:
     def __init__(self, model: nnx.Module):
         self.graphdef, self.state = nnx.split(model)
         self.max_len = model.cfg.max_seq_len or None  # learned positions end somewhere
-        self._generate = jax.jit(
-            functools.partial(_generate, graphdef=self.graphdef), static_argnames="new_bucket"
+        self._prefill = jax.jit(
+            functools.partial(_prefill, graphdef=self.graphdef), static_argnames="new_bucket"
         )
+        self._decode = jax.jit(functools.partial(_decode, graphdef=self.graphdef), donate_argnums=1)
         self.buckets: set[tuple[int, int, int]] = set()  # (rows, prompt, new tokens) compiled
 
     def compilations(self) -> int:
-        """How many shape buckets have been compiled so far."""
-        return self._generate._cache_size()
+        """How many shape buckets have been compiled so far (each bucket compiles one prefill
+        and one decode program)."""
+        return self._prefill._cache_size()
 
-    def generate(
+    def generate(self, prompts: Sequence[Sequence[int]], **settings) -> list[Completion]:
+        """Completes every prompt; `settings` are `start`'s."""
+        decoding = self.start(prompts, **settings)
+        decoding.advance(decoding.max_new_tokens)
+        return decoding.completions()
+
+    def start(
         self,
         prompts: Sequence[Sequence[int]],
         *,
@@ -173,8 +228,9 @@ class Sampler:
         top_k: int | Sequence[int] = 0,
         top_p: float | Sequence[float] = 1.0,
         seed: int = 0,
-    ) -> list[Completion]:
-        """Completes every prompt; settings are one value or one per prompt."""
+    ) -> Decoding:
+        """Prefills every prompt and samples its first token; `Decoding.advance` samples the
+        rest. Settings are one value or one per prompt."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -194,7 +250,7 @@ class Sampler:
         per_row = functools.partial(_per_row, rows=rows, count=len(prompts))
         new_bucket = bucket(max_new_tokens)
         self.buckets.add((rows, width, new_bucket))
-        tokens, logprobs = self._generate(
+        loop = self._prefill(
             self.state,
             prompts_BxP,
             lengths_B,
@@ -206,10 +262,56 @@ class Sampler:
             jax.random.key(seed),
             new_bucket=new_bucket,
         )
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        return Decoding(self, loop, len(prompts), max_new_tokens, stop_ids)
+
+
+class Decoding:
+    """A batch being decoded. `advance(n)` samples up to n more tokens per row in one compiled
+    loop and returns each row's tokens new since the last call (what a stream sends);
+    `completions()` gives the results once `finished`."""
+
+    def __init__(self, sampler: Sampler, loop: _Loop, count: int, max_new: int, stop_ids):
+        self._sampler, self._loop, self._count = sampler, loop, count
+        self.max_new_tokens, self._stop_ids = max_new, list(stop_ids)
+        self._sent = [0] * count  # tokens of each row returned so far
+        self._ends = [None] * count  # each row's length once it has ended
+        self._tokens = self._logprobs = None  # the host's copy after the last advance
+
+    @property
+    def finished(self) -> bool:
+        """Every row has met a stop token or its budget."""
+        return all(end is not None for end in self._ends)
+
+    def advance(self, tokens: int) -> list[np.ndarray]:
+        """Samples up to `tokens` more per row (0: none, only what the last call left), and
+        returns each row's new tokens (a stop token included; nothing once a row ended)."""
+        if tokens > 0 and not self.finished:
+            until = np.int32(min(int(self._loop.step) + tokens, self.max_new_tokens))
+            self._loop = self._sampler._decode(self._sampler.state, self._loop, until)
+        step = int(self._loop.step)
+        self._tokens = np.asarray(self._loop.tokens_BxN)
+        self._logprobs = np.asarray(self._loop.logprobs_BxN)
+        done = np.asarray(self._loop.done_B)
+        new = []
+        for row in range(self._count):
+            tokens_so_far = self._tokens[row, :step]
+            stops = np.flatnonzero(np.isin(tokens_so_far, self._stop_ids))
+            if stops.size:
+                self._ends[row] = int(stops[0]) + 1
+            elif step >= self.max_new_tokens or done[row]:
+                self._ends[row] = min(step, self.max_new_tokens)
+            end = self._ends[row] if self._ends[row] is not None else step
+            new.append(self._tokens[row, self._sent[row] : end].astype(np.int32))
+            self._sent[row] = end
+        return new
+
+    def completions(self) -> list[Completion]:
+        """Every row's result; call once `finished`."""
+        if not self.finished:
+            raise RuntimeError("the batch is still decoding: advance it until finished")
         return [
-            _completion(tokens[i], logprobs[i], max_new_tokens, stop_ids)
-            for i in range(len(prompts))
+            _completion(self._tokens[i], self._logprobs[i], self.max_new_tokens, self._stop_ids)
+            for i in range(self._count)
         ]
 
 

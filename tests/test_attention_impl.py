@@ -118,11 +118,29 @@ def test_validate_refuses_explicit_cudnn_where_it_cannot_run(monkeypatch):
 
 def test_kernel_for_call_sends_odd_masked_training_shapes_to_xla():
     call = attention_impl.kernel_for_call
-    assert call("cudnn", masked=False, length=33, cached=False) == "cudnn"
-    assert call("cudnn", masked=True, length=32, cached=False) == "cudnn"
-    assert call("cudnn", masked=True, length=33, cached=False) == "xla"
-    assert call("cudnn", masked=True, length=1, cached=True) == "cudnn"  # a decoding step
-    assert call("xla", masked=False, length=32, cached=False) == "xla"
+    assert call("cudnn", masked=False, length=33) == "cudnn"
+    assert call("cudnn", masked=True, length=32) == "cudnn"
+    assert call("cudnn", masked=True, length=33) == "xla"
+    assert call("xla", masked=False, length=32) == "xla"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cached_attention_equals_jaxs_on_the_same_keys(dtype):
+    # The decode path's grouped einsum over [B, G, S, K] against jax.nn.dot_product_attention
+    # over [B, S, G, K]: 3 new queries, 12 slots, a padded slot and a causal edge per row.
+    q, k, v = (x.astype(dtype) for x in _qkv(length=12))
+    q = q[:, -3:]
+    slots = jnp.arange(12)
+    mask_Bx1xTxS = (slots[None, None, None, :] <= slots[None, None, -3:, None]) & (
+        slots >= jnp.array([0, 2])[:, None]
+    )[:, None, None, :]
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS)
+    got = attention_impl.attend_cached(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask_Bx1xTxS)
+    assert got.dtype == want.dtype
+    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2  # bfloat16: 8 bits of mantissa
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tolerance, rtol=tolerance
+    )
 
 
 def _qkv(length=12, heads=4, kv_heads=2, width=8):

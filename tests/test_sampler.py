@@ -80,6 +80,33 @@ def test_rows_stop_independently(tiny_model):
         assert row.tokens.tolist() == full.tokens[:end].tolist()
 
 
+def test_advancing_in_steps_streams_the_same_tokens(tiny_model):
+    # What a token stream sends: the first tokens after the prefill, then each row's new
+    # tokens per call, nothing after a row's stop; joined, they are the one-call completion.
+    sampler = Sampler(tiny_model)
+    greedy = sampler.generate(PROMPTS, max_new_tokens=NEW)
+    stop = greedy[1].tokens.tolist()[3]
+    settings = dict(max_new_tokens=NEW, stop_ids=[stop], temperature=[0.0, 0.0, 0.9, 0.9], seed=5)
+    whole = sampler.generate(PROMPTS, **settings)
+    decoding = sampler.start(PROMPTS, **settings)
+    first = decoding.advance(0)
+    assert [t.tolist() for t in first] == [c.tokens[:1].tolist() for c in whole]
+    pieces, calls = [first], 0
+    while not decoding.finished:
+        pieces.append(decoding.advance(3))
+        calls += 1
+    assert calls == -(-(NEW - 1) // 3)  # 3 tokens a call after the first
+    for row, completion in enumerate(decoding.completions()):
+        streamed = np.concatenate([piece[row] for piece in pieces]).tolist()
+        assert streamed == completion.tokens.tolist() == whole[row].tokens.tolist()
+        np.testing.assert_array_equal(completion.logprobs, whole[row].logprobs)
+    assert whole[1].finish_reason == "stop" and len(whole[1].tokens) <= 4
+    assert sampler.compilations() == 1  # chunks of any size reuse the bucket's decode loop
+    assert sampler._decode._cache_size() == 1
+    with pytest.raises(RuntimeError, match="still decoding"):
+        sampler.start(PROMPTS, max_new_tokens=NEW).completions()
+
+
 def test_one_compilation_per_bucket(tiny_model):
     sampler = Sampler(tiny_model)
     rng = np.random.default_rng(0)

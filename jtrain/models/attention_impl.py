@@ -21,6 +21,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from jtrain import console
 from jtrain.validation import ConfigError, one_of
@@ -124,10 +125,10 @@ def resolve(requested: str, *, dtype: str, head_dim: int, sliding_window: bool =
     return implementation
 
 
-def kernel_for_call(implementation: str, *, masked: bool, length: int, cached: bool) -> str:
+def kernel_for_call(implementation: str, *, masked: bool, length: int) -> str:
     """The kernel one call uses: the model's, except that a masked call of odd length, which
-    may be differentiated (a KV-cache decoding step is not), goes through XLA."""
-    if implementation == "cudnn" and masked and length % 2 and not cached:
+    may be differentiated, goes through XLA (decoding with a cache uses `attend_cached`)."""
+    if implementation == "cudnn" and masked and length % 2:
         return "xla"
     return implementation
 
@@ -176,3 +177,32 @@ def attend(
         # None is jax's XLA path, exactly what jtrain called before `auto` existed.
         implementation=None if implementation == "xla" else implementation,
     )
+
+
+def attend_cached(
+    q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array, mask_Bx1xTxS: jax.Array
+) -> jax.Array:
+    """Grouped-query attention [B, T, H, K] of T new queries over a KV cache kept as
+    [B, G, S, K] (slots next to each other per head).
+
+    Decoding uses this on every backend rather than `dot_product_attention`, which wants keys
+    as [B, S, G, K] and repeats them per query head: on XLA:CPU the transposes of the whole
+    cache that this costs at every step and layer took most of a batch-16 decode step. The
+    arithmetic is jax's XLA path's: scores and softmax in float32, masked slots at a large
+    negative value, the probabilities cast back to the values' dtype.
+    """
+    batch, steps, heads, width = q_BxTxHxK.shape
+    groups = k_BxGxSxK.shape[1]
+    q_BxTxGxRxK = q_BxTxHxK.reshape(batch, steps, groups, heads // groups, width)
+    scores_BxGxRxTxS = jnp.einsum(
+        "btgrk,bgsk->bgrts", q_BxTxGxRxK, k_BxGxSxK, preferred_element_type=jnp.float32
+    ) * jnp.float32(width**-0.5)
+    masked = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
+    scores_BxGxRxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores_BxGxRxTxS, masked)
+    probs = jax.nn.softmax(scores_BxGxRxTxS, axis=-1).astype(v_BxGxSxK.dtype)
+    if steps == 1:  # one new token: XLA:CPU's batched dot is slow for [R, S] x [S, K]
+        out_BxGxRxK = jnp.sum(probs[:, :, :, 0, :, None] * v_BxGxSxK[:, :, None], axis=-2)
+        out_BxTxGxRxK = out_BxGxRxK[:, None]
+    else:
+        out_BxTxGxRxK = jnp.einsum("bgrts,bgsk->btgrk", probs, v_BxGxSxK)
+    return out_BxTxGxRxK.reshape(batch, steps, heads, width)

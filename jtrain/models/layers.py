@@ -190,31 +190,25 @@ def _add_bias(x: jax.Array, bias: Bias | None) -> jax.Array:
 
 @struct.dataclass
 class KVCache:
-    """Every layer's keys and values for decoding, stacked: slots [n_layers, B, S, G, K].
+    """One layer's keys and values for decoding, [B, G, S, K] (each head's slots side by
+    side, the layout `attention_impl.attend_cached` reads without a copy).
 
-    `layer` is the block reading and writing it, `index` the first slot this call writes;
-    `mask` [B, 1, T, S] says which cached slots each of the T new tokens may attend to (the
-    sampler builds it once for every layer). Writing only the new slots into the stacked
-    arrays (carried through the layer scan) lets XLA update them in place.
+    `index` is the first slot this call writes; `mask` [B, 1, T, S] says which slots each of
+    the T new tokens may attend to (the sampler builds it once for every layer). Every layer
+    has its own buffers, so XLA writes the new slots in place inside the decode loop.
     """
 
     k: jax.Array
     v: jax.Array
-    layer: jax.Array
     index: jax.Array
     mask: jax.Array
 
     def write(self, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array) -> KVCache:
-        """The cache with this layer's T new keys and values stored from slot `index` on."""
-        at = (self.layer, 0, self.index, 0, 0)
-        k = jax.lax.dynamic_update_slice(self.k, k_BxTxGxK[None].astype(self.k.dtype), at)
-        v = jax.lax.dynamic_update_slice(self.v, v_BxTxGxK[None].astype(self.v.dtype), at)
+        """The cache with this call's T new keys and values stored from slot `index` on."""
+        at = (0, 0, self.index, 0)
+        k = jax.lax.dynamic_update_slice(self.k, k_BxTxGxK.swapaxes(1, 2).astype(self.k.dtype), at)
+        v = jax.lax.dynamic_update_slice(self.v, v_BxTxGxK.swapaxes(1, 2).astype(self.v.dtype), at)
         return self.replace(k=k, v=v)
-
-    def layer_kv(self) -> tuple[jax.Array, jax.Array]:
-        """This layer's keys and values [B, S, G, K]."""
-        take = functools.partial(jax.lax.dynamic_index_in_dim, index=self.layer, keepdims=False)
-        return take(self.k), take(self.v)
 
 
 class Attention(nnx.Module):
@@ -268,24 +262,23 @@ class Attention(nnx.Module):
         if self.rope:
             q = apply_rope(q, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
             k = apply_rope(k, positions_BxL, self.rope_theta, scaling=self.rope_scaling)
-        cached = cache is not None
-        if cached:
-            cache = cache.write(k, v)
-            k, v = cache.layer_kv()
         # Grouped-query attention: each key/value head serves n_heads // n_kv_heads query heads.
-        mask = cache.mask if cached else mask_Bx1xLxL
-        kernel = attention_impl.kernel_for_call(
-            self.implementation, masked=mask is not None, length=q.shape[1], cached=cached
-        )
-        out_BxLxHxK = attention_impl.attend(
-            q,
-            k,
-            v,
-            mask=mask,
-            causal=self.causal and not cached,
-            local_window=None if cached else self.local_window,
-            implementation=kernel,
-        )
+        if cache is not None:
+            cache = cache.write(k, v)
+            out_BxLxHxK = attention_impl.attend_cached(q, cache.k, cache.v, cache.mask)
+        else:
+            kernel = attention_impl.kernel_for_call(
+                self.implementation, masked=mask_Bx1xLxL is not None, length=q.shape[1]
+            )
+            out_BxLxHxK = attention_impl.attend(
+                q,
+                k,
+                v,
+                mask=mask_Bx1xLxL,
+                causal=self.causal,
+                local_window=self.local_window,
+                implementation=kernel,
+            )
         out = _add_bias(project(self, "o_HxKxD", out_BxLxHxK, dropout_rng), self.o_bias_D)
         return out, cache
 
