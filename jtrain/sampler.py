@@ -118,17 +118,11 @@ class _Loop:
     rng: jax.Array
 
 
-def _slots(loop: _Loop, prompt_len: int):
-    """Which cache slots hold real tokens ([B, S]) and their positions ([B, S])."""
-    slots_S = jnp.arange(loop.kv[0][0].shape[2])
-    pads_B = prompt_len - loop.lengths_B
+def _slots(lengths_B, prompt_len: int, slots: int):
+    """Which of `slots` cache slots hold real tokens ([B, S]) and their positions ([B, S])."""
+    slots_S = jnp.arange(slots)
+    pads_B = prompt_len - lengths_B
     return slots_S[None, :] >= pads_B[:, None], jnp.maximum(slots_S[None, :] - pads_B[:, None], 0)
-
-
-def _sample(loop: _Loop, logits_BxV, i):
-    return sample_tokens(
-        logits_BxV, jax.random.fold_in(loop.rng, i), loop.temperature_B, loop.top_k_B, loop.top_p_B
-    )
 
 
 def _prefill(state, prompts_BxP, lengths_B, max_new, stops, temperature_B, top_k_B, top_p_B,
@@ -136,36 +130,39 @@ def _prefill(state, prompts_BxP, lengths_B, max_new, stops, temperature_B, top_k
     """Every prompt in one forward pass that fills the caches, and each row's first token."""
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
-    (batch, prompt_len), slots = prompts_BxP.shape, prompts_BxP.shape[1] + new_bucket
-    # Keys and values in the compute dtype, one pair of buffers per layer.
-    zeros = jnp.zeros((batch, cfg.n_kv_heads, slots, cfg.head_dim), DTYPES[cfg.dtype])
-    loop = _Loop(
-        jnp.ones((), jnp.int32), [(zeros, zeros)] * cfg.n_layers,
-        jnp.zeros((batch, new_bucket), jnp.int32), jnp.zeros((batch, new_bucket), jnp.float32),
-        jnp.zeros(batch, bool), lengths_B, max_new, stops, temperature_B, top_k_B, top_p_B, rng,
-    )  # fmt: skip
-    key_valid_BxS, key_pos_BxS = _slots(loop, prompt_len)
-    prompt_pos_BxP = key_pos_BxS[:, :prompt_len]
+    batch, prompt_len = prompts_BxP.shape
+    key_valid_BxP, key_pos_BxP = _slots(lengths_B, prompt_len, prompt_len)
     mask = _attend_mask(
-        jnp.arange(prompt_len), key_valid_BxS, key_pos_BxS, prompt_pos_BxP, cfg.sliding_window
+        jnp.arange(prompt_len), key_valid_BxP, key_pos_BxP, key_pos_BxP, cfg.sliding_window
     )
-    caches = [KVCache(k, v, jnp.zeros((), jnp.int32), mask) for k, v in loop.kv]
-    hidden, caches = model.decode(prompts_BxP, prompt_pos_BxP, caches)
-    token_B, logprob_B = _sample(loop, model.logits(hidden[:, -1:])[:, 0], 0)
-    return loop.replace(
-        kv=[(c.k, c.v) for c in caches],
-        tokens_BxN=loop.tokens_BxN.at[:, 0].set(token_B),
-        logprobs_BxN=loop.logprobs_BxN.at[:, 0].set(logprob_B),
+    # The prompt attends over its own slots only (keys and values in the compute dtype, one
+    # pair of buffers per layer); the caches grow to their decoding length after.
+    zeros = jnp.zeros((batch, cfg.n_kv_heads, prompt_len, cfg.head_dim), DTYPES[cfg.dtype])
+    caches = [KVCache(zeros, zeros, jnp.zeros((), jnp.int32), mask)] * cfg.n_layers
+    hidden, caches = model.decode(prompts_BxP, key_pos_BxP, caches)
+    token_B, logprob_B = sample_tokens(
+        model.logits(hidden[:, -1:])[:, 0], jax.random.fold_in(rng, 0), temperature_B, top_k_B,
+        top_p_B,
+    )  # fmt: skip
+    grow = functools.partial(jnp.pad, pad_width=((0, 0), (0, 0), (0, new_bucket), (0, 0)))
+    return _Loop(
+        step=jnp.ones((), jnp.int32),
+        kv=[(grow(c.k), grow(c.v)) for c in caches],
+        tokens_BxN=jnp.zeros((batch, new_bucket), jnp.int32).at[:, 0].set(token_B),
+        logprobs_BxN=jnp.zeros((batch, new_bucket), jnp.float32).at[:, 0].set(logprob_B),
         done_B=jnp.isin(token_B, stops),
-    )
+        lengths_B=lengths_B, max_new=max_new, stops=stops, temperature_B=temperature_B,
+        top_k_B=top_k_B, top_p_B=top_p_B, rng=rng,
+    )  # fmt: skip
 
 
 def _decode(state, loop: _Loop, until, *, graphdef) -> _Loop:
     """One token per iteration for every row, in one `lax.while_loop`, until `until` tokens
     are sampled, every row is done, or the budget is spent."""
     model = nnx.merge(graphdef, state)
-    prompt_len = loop.kv[0][0].shape[2] - loop.tokens_BxN.shape[1]
-    key_valid_BxS, key_pos_BxS = _slots(loop, prompt_len)
+    slots = loop.kv[0][0].shape[2]
+    prompt_len = slots - loop.tokens_BxN.shape[1]
+    key_valid_BxS, key_pos_BxS = _slots(loop.lengths_B, prompt_len, slots)
     end = jnp.minimum(loop.max_new, until)
 
     def more(loop):
@@ -180,7 +177,10 @@ def _decode(state, loop: _Loop, until, *, graphdef) -> _Loop:
         last_Bx1 = jax.lax.dynamic_slice_in_dim(loop.tokens_BxN, i - 1, 1, axis=1)
         caches = [KVCache(k, v, slot, mask) for k, v in loop.kv]
         hidden, caches = model.decode(last_Bx1, pos_Bx1, caches)
-        token_B, logprob_B = _sample(loop, model.logits(hidden)[:, 0], i)
+        token_B, logprob_B = sample_tokens(
+            model.logits(hidden)[:, 0], jax.random.fold_in(loop.rng, i), loop.temperature_B,
+            loop.top_k_B, loop.top_p_B,
+        )  # fmt: skip
         token_B = jnp.where(loop.done_B, 0, token_B)
         logprob_B = jnp.where(loop.done_B, 0.0, logprob_B)
         write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=i, axis=1)

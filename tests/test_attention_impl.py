@@ -125,13 +125,15 @@ def test_kernel_for_call_sends_odd_masked_training_shapes_to_xla():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_cached_attention_equals_jaxs_on_the_same_keys(dtype):
-    # The decode path's grouped einsum over [B, G, S, K] against jax.nn.dot_product_attention
-    # over [B, S, G, K]: 3 new queries, 12 slots, a padded slot and a causal edge per row.
+@pytest.mark.parametrize("steps", [1, 3])  # a decoding step; a prefill
+def test_cached_attention_equals_jaxs_on_the_same_keys(dtype, steps):
+    # The decode path's grouped attention over [B, G, S, K] against
+    # jax.nn.dot_product_attention over [B, S, G, K]: the last `steps` of 12 slots as new
+    # queries, a padded slot and a causal edge per row.
     q, k, v = (x.astype(dtype) for x in _qkv(length=12))
-    q = q[:, -3:]
+    q = q[:, -steps:]
     slots = jnp.arange(12)
-    mask_Bx1xTxS = (slots[None, None, None, :] <= slots[None, None, -3:, None]) & (
+    mask_Bx1xTxS = (slots[None, None, None, :] <= slots[None, None, -steps:, None]) & (
         slots >= jnp.array([0, 2])[:, None]
     )[:, None, None, :]
     want = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS)

@@ -186,23 +186,30 @@ def attend_cached(
     [B, G, S, K] (slots next to each other per head).
 
     Decoding uses this on every backend rather than `dot_product_attention`, which wants keys
-    as [B, S, G, K] and repeats them per query head: on XLA:CPU the transposes of the whole
-    cache that this costs at every step and layer took most of a batch-16 decode step. The
-    arithmetic is jax's XLA path's: scores and softmax in float32, masked slots at a large
-    negative value, the probabilities cast back to the values' dtype.
+    as [B, S, G, K]: on XLA:CPU the transposes of the whole cache that this costs at every
+    step and layer, and its batched dot of probabilities and values, took most of a batch-16
+    decode step. Each key head's R = H / G query heads and T queries are one [R * T] row
+    block, so both products are plain matrix products per (row, key head) over the cache as
+    it lies. The arithmetic is jax's XLA path's: scores and softmax in float32, masked slots
+    at a large negative value, the probabilities cast back to the values' dtype.
     """
     batch, steps, heads, width = q_BxTxHxK.shape
-    groups = k_BxGxSxK.shape[1]
-    q_BxTxGxRxK = q_BxTxHxK.reshape(batch, steps, groups, heads // groups, width)
-    scores_BxGxRxTxS = jnp.einsum(
-        "btgrk,bgsk->bgrts", q_BxTxGxRxK, k_BxGxSxK, preferred_element_type=jnp.float32
+    groups, slots = k_BxGxSxK.shape[1], k_BxGxSxK.shape[2]
+    per_group = heads // groups
+    q_BxGxQxK = (
+        q_BxTxHxK.reshape(batch, steps, groups, per_group, width)
+        .transpose(0, 2, 3, 1, 4)
+        .reshape(batch, groups, per_group * steps, width)
+    )  # Q = R * T query rows, each key head's own
+    scores_BxGxQxS = jnp.einsum(
+        "bgqk,bgsk->bgqs", q_BxGxQxK, k_BxGxSxK, preferred_element_type=jnp.float32
     ) * jnp.float32(width**-0.5)
+    mask_Bx1xQxS = jnp.broadcast_to(
+        mask_Bx1xTxS[:, :, None], (batch, 1, per_group, steps, slots)
+    ).reshape(batch, 1, per_group * steps, slots)
     masked = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
-    scores_BxGxRxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores_BxGxRxTxS, masked)
-    probs = jax.nn.softmax(scores_BxGxRxTxS, axis=-1).astype(v_BxGxSxK.dtype)
-    if steps == 1:  # one new token: XLA:CPU's batched dot is slow for [R, S] x [S, K]
-        out_BxGxRxK = jnp.sum(probs[:, :, :, 0, :, None] * v_BxGxSxK[:, :, None], axis=-2)
-        out_BxTxGxRxK = out_BxGxRxK[:, None]
-    else:
-        out_BxTxGxRxK = jnp.einsum("bgrts,bgsk->btgrk", probs, v_BxGxSxK)
-    return out_BxTxGxRxK.reshape(batch, steps, heads, width)
+    scores_BxGxQxS = jnp.where(mask_Bx1xQxS, scores_BxGxQxS, masked)
+    probs_BxGxQxS = jax.nn.softmax(scores_BxGxQxS, axis=-1).astype(v_BxGxSxK.dtype)
+    out_BxGxQxK = jnp.einsum("bgqs,bgsk->bgqk", probs_BxGxQxS, v_BxGxSxK)
+    out = out_BxGxQxK.reshape(batch, groups, per_group, steps, width).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, steps, heads, width)
