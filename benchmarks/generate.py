@@ -22,7 +22,8 @@ One process, three parts:
    so prefill, compilation and dispatch cancel out.
 3. Compilations: --requests requests of random prompt lengths (1..64), random max_new_tokens
    (1..64) and random batch sizes (1..8), sent one by one to a Sampler of --compile_config's
-   (small) model. `Sampler.compilations()` must equal the number of distinct shape buckets
+   (small) model. `Sampler.compilations()` (and the decode loop's programs: each bucket
+   compiles a prefill and a decode loop) must equal the number of distinct shape buckets
    `(bucket(batch, 1), bucket(prompt), bucket(new))` the requests fall in.
 
 Run from the repository root (no install needed):
@@ -350,10 +351,13 @@ def part_compilations(args) -> None:
         buckets.add((bucket(rows, 1), bucket(max(lengths)), bucket(new)))
     seconds = time.perf_counter() - start
     n = sampler.compilations()
+    decode_programs = sampler._decode._cache_size()  # each bucket: a prefill and a decode loop
     print(f"\ncompilations     : {args.requests} requests (batch 1..8, prompts 1..64, new 1..64, "
           f"temperature 0 or 0.7 per row) on {os.path.relpath(args.compile_config, REPO_ROOT)}'s "
           f"model, {seconds:.1f} s in all, {tokens:,} tokens")  # fmt: skip
-    verdict = "OK" if n == len(buckets) and sampler.buckets == buckets else "FAIL"
+    same = n == decode_programs == len(buckets) and sampler.buckets == buckets
+    print(f"programs         : {n} prefill, {decode_programs} decode loop")
+    verdict = "OK" if same else "FAIL"
     print(f"COMPILATIONS {n} for {len(buckets)} distinct buckets (rows, prompt, new)  {verdict}")
 
 

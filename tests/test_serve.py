@@ -1,5 +1,6 @@
 """python -m jtrain.serve: the official openai client works unchanged, greedy text is the
-Sampler's, concurrent requests share batches, bad requests get OpenAI's 4xx error bodies."""
+Sampler's, streams say what whole answers say, concurrent requests share batches, the warm-up
+compiles what requests meet, bad requests get OpenAI's 4xx error bodies."""
 
 import concurrent.futures
 import json
@@ -9,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import urllib.error
 import urllib.request
 
@@ -21,9 +21,8 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from jtrain import generate, serve  # noqa: E402
-from jtrain.data import tokenizers  # noqa: E402
-from jtrain.sampler import Completion, Sampler  # noqa: E402
-from jtrain.serving import protocol, responses  # noqa: E402
+from jtrain.sampler import Sampler  # noqa: E402
+from jtrain.serving import protocol  # noqa: E402
 from jtrain.serving.batcher import Batcher  # noqa: E402
 from tests.conftest import REPO, main_env, tiny_trained_run  # noqa: E402
 
@@ -83,6 +82,17 @@ def _expected(generator, ids, max_tokens, stops=()) -> tuple[str, str]:
     return generator.tokenizer.decode(ids), tokens.finish_reason
 
 
+def _joined(stream, chat: bool) -> tuple[str, str, dict]:
+    """(text, finish_reason, usage) of a stream's chunks, checked for OpenAI's chunk shape."""
+    chunks = list(stream)
+    assert all(c.id == chunks[0].id for c in chunks)
+    assert all(c.object == ("chat.completion.chunk" if chat else "text_completion") for c in chunks)
+    pieces = [c.choices[0] for c in chunks if c.choices]
+    text = "".join((p.delta.content if chat else p.text) or "" for p in pieces)
+    assert [p.finish_reason for p in pieces].count(None) == len(pieces) - 1
+    return text, pieces[-1].finish_reason, chunks[-1].usage.model_dump()
+
+
 def test_the_openai_client_lists_the_model(client, run):
     assert [m.id for m in client.models.list().data] == [os.path.basename(run)]
     assert client.models.retrieve(os.path.basename(run)).id == os.path.basename(run)
@@ -114,39 +124,34 @@ def test_a_stop_string_ends_the_text_before_it(client, generator, run):
     )  # fmt: skip
     assert out.choices[0].finish_reason == "stop"
     assert out.choices[0].text == _expected(generator, ids, 12, stops=[stop])[0]
+    stream = client.completions.create(
+        model=os.path.basename(run), prompt="Hello there", max_tokens=12, temperature=0,
+        stop=[chr(stop)], stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    assert _joined(stream, chat=False) == (out.choices[0].text, "stop", out.usage.model_dump())
 
 
-def test_chat_completions_and_their_streams(client, generator, run):
+def test_streams_say_what_the_whole_answers_say(client, generator, run):
     name = os.path.basename(run)
     ids = generator.prompt_ids({"messages": MESSAGES}, 0)
-    out = client.chat.completions.create(
-        model=name, messages=MESSAGES, max_tokens=10, temperature=0
-    )
+    ask = {"model": name, "max_tokens": 10, "temperature": 0}
+    out = client.chat.completions.create(messages=MESSAGES, **ask)
     text, reason = _expected(generator, ids, 10)
     assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
     assert (out.choices[0].message.content, out.choices[0].finish_reason) == (text, reason)
     assert out.usage.prompt_tokens == ids.size
+    usage = {"stream_options": {"include_usage": True}}
+    stream = client.chat.completions.create(messages=MESSAGES, stream=True, **ask, **usage)
+    assert next(stream).choices[0].delta.role == "assistant"
+    stream = client.chat.completions.create(messages=MESSAGES, stream=True, **ask, **usage)
+    assert _joined(stream, chat=True) == (text, reason, out.usage.model_dump())
 
-    stream = client.chat.completions.create(
-        model=name, messages=MESSAGES, max_tokens=10, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    )  # fmt: skip
-    chunks = list(stream)
-    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
-    assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
-    assert chunks[-1].usage.total_tokens == out.usage.total_tokens
-
-    stream = client.completions.create(
-        model=name, prompt="Hello there", max_tokens=12, temperature=0, stream=True
-    )
-    assert (
-        "".join(c.choices[0].text for c in stream)
-        == client.completions.create(model=name, prompt="Hello there", max_tokens=12, temperature=0)
-        .choices[0]
-        .text
-    )
+    ask["max_tokens"] = 12
+    for prompt in ["Hello there", [5, 17, 99, 3, 42]]:
+        out = client.completions.create(prompt=prompt, **ask)
+        stream = client.completions.create(prompt=prompt, stream=True, **ask, **usage)
+        whole = (out.choices[0].text, out.choices[0].finish_reason, out.usage.model_dump())
+        assert _joined(stream, chat=False) == whole
 
 
 def test_the_stream_is_server_sent_events_ending_with_done(server, run):
@@ -189,6 +194,41 @@ def test_concurrent_clients_share_batches(client, generator, server, run):
         answers = list(pool.map(ask, range(16), timeout=300))
     assert answers == expected
     assert batcher.batches - batches < 16, f"{batcher.batches - batches} batches"
+
+
+def _request(ids, max_tokens: int, stream: bool) -> protocol.Request:
+    return protocol.Request(
+        np.asarray(ids, np.int32), max_tokens, 0.0, 1.0, (), None, stream, False
+    )
+
+
+def test_a_stream_and_a_whole_answer_share_a_batch(generator):
+    batcher, pieces = Batcher(generator, max_batch=4, stream_every=3), []
+    prompts = [generator.prompt_ids({"prompt": p}, 0) for p in ["Hello there", "Why"]]
+    streamed = batcher.submit(_request(prompts[0], 11, stream=True), pieces.append)
+    whole = batcher.submit(_request(prompts[1], 7, stream=False))
+    batcher.start()
+    answers = [streamed.result(timeout=120), whole.result(timeout=120)]
+    batcher.stop()
+    assert batcher.batches == 1
+    assert len(pieces) > 1 and "".join(pieces) == answers[0].text
+    expected = [_expected(generator, ids, n) for ids, n in zip(prompts, [11, 7], strict=True)]
+    assert [(a.text, a.finish_reason) for a in answers] == expected
+
+
+def test_the_warm_up_compiles_every_bucket_requests_in_its_limits_meet(run):
+    fresh = generate.load(run)  # a sampler nothing has compiled for yet
+    batcher = Batcher(fresh, max_batch=2, warmup_prompt_tokens=16, warmup_new_tokens=16)
+    assert batcher.warmup_buckets == [(1, 16, 16), (2, 16, 16)]
+    batcher.start()
+    assert batcher.ready.wait(120) and batcher.warmed == 2
+    assert fresh.sampler.compilations() == 2
+    ids = fresh.prompt_ids({"prompt": "Hi there, how"}, 0)
+    futures = [batcher.submit(_request(ids[: 4 + i], 16 - i, stream=i == 1)) for i in range(3)]
+    answers = [f.result(timeout=120) for f in futures]
+    batcher.stop()
+    assert all(a.completion_tokens >= 1 for a in answers)
+    assert fresh.sampler.compilations() == 2 and fresh.sampler.buckets == {(1, 16, 16), (2, 16, 16)}
 
 
 BAD = [  # (route, body, status, param, words in the message)
@@ -297,62 +337,12 @@ def test_the_client_raises_its_own_errors_and_the_server_keeps_serving(client, r
     assert out.usage.completion_tokens >= 1
 
 
-class _RecordingSampler:
-    """Answers every row with ids 65, 66, ... and records each batch."""
-
-    def __init__(self, max_len):
-        self.max_len, self.calls = max_len, []
-
-    def generate(self, prompts, *, max_new_tokens, **settings):
-        self.calls.append((len(prompts), max_new_tokens, settings))
-        tokens = np.arange(65, 65 + max_new_tokens, dtype=np.int32)
-        return [Completion(tokens, np.zeros(max_new_tokens), "length") for _ in prompts]
-
-
-def _request(prompt: int, max_tokens: int, stop_ids=(), temperature=0.0) -> protocol.Request:
-    return protocol.Request(
-        np.ones(prompt, np.int32), max_tokens, temperature, 1.0, stop_ids, None, False, False
-    )
-
-
-def test_batches_fit_the_model_and_stops_apply_per_request():
-    sampler = _RecordingSampler(max_len=64)
-    stub = types.SimpleNamespace(
-        sampler=sampler, stop_ids=[258], tokenizer=tokenizers.ByteTokenizer()
-    )
-    batcher = Batcher(stub, max_batch=3)
-    requests = [
-        _request(40, 8),  # with the next one a batch would need 40 + 40 positions
-        _request(8, 40),
-        _request(8, 8, stop_ids=(67,), temperature=0.5),
-        _request(8, 4),
-        _request(8, 4),
-    ]
-    futures = [batcher.submit(r) for r in requests]  # all queued before the worker starts
-    batcher.start()
-    answers = [f.result(timeout=30) for f in futures]
-    batcher.stop()
-    assert [c[:2] for c in sampler.calls] == [(3, 8), (2, 40)]
-    assert sampler.calls[0][2]["temperature"] == [0.0, 0.5, 0.0]
-    forty = "".join(chr(i) for i in range(65, 105))
-    assert [a.text for a in answers] == ["ABCDEFGH", forty, "AB", "ABCD", "ABCD"]
-    assert [a.finish_reason for a in answers] == ["length", "length", "stop", "length", "length"]
-    assert answers[2].completion_tokens == 3 and (batcher.batches, batcher.requests) == (2, 5)
-
-
-def test_streamed_pieces_join_to_the_text():
-    tokenizer = tokenizers.ByteTokenizer()
-    ids = tokenizer.encode("héllo ☃!", add_bos=False, add_eos=False)
-    pieces = responses.text_pieces(tokenizer, ids)
-    assert pieces == ["h", "é", "l", "l", "o", " ", "☃", "!"]
-    assert responses.text_pieces(tokenizer, ids[:0]) == []
-
-
 def test_command_line_serves_until_stopped(run):
     sock = _bound_socket()
     port = sock.getsockname()[1]
     sock.close()  # the server binds it again
     command = [sys.executable, "-m", "jtrain.serve", f"--model={run}", f"--port={port}"]
+    command += ["--max_batch=2", "--warmup_prompt_tokens=16", "--warmup_new_tokens=16"]
     proc = subprocess.Popen(command, cwd=REPO, env=main_env(1), stderr=subprocess.PIPE, text=True)
     try:
         deadline, reply = time.monotonic() + 120, None
@@ -368,3 +358,4 @@ def test_command_line_serves_until_stopped(run):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    assert "warm-up: 2 of 2 buckets" in proc.stderr.read()
