@@ -164,6 +164,7 @@ def _decode(state, loop: _Loop, until, *, graphdef) -> _Loop:
     prompt_len = slots - loop.tokens_BxN.shape[1]
     key_valid_BxS, key_pos_BxS = _slots(loop.lengths_B, prompt_len, slots)
     end = jnp.minimum(loop.max_new, until)
+    blocks = model.layer_blocks()  # sliced once, outside the loop
 
     def more(loop):
         return (loop.step < end) & ~jnp.all(loop.done_B)
@@ -176,7 +177,7 @@ def _decode(state, loop: _Loop, until, *, graphdef) -> _Loop:
         mask = _attend_mask(slot[None], key_valid_BxS, key_pos_BxS, pos_Bx1, window)
         last_Bx1 = jax.lax.dynamic_slice_in_dim(loop.tokens_BxN, i - 1, 1, axis=1)
         caches = [KVCache(k, v, slot, mask) for k, v in loop.kv]
-        hidden, caches = model.decode(last_Bx1, pos_Bx1, caches)
+        hidden, caches = model.decode(last_Bx1, pos_Bx1, caches, blocks)
         token_B, logprob_B = sample_tokens(
             model.logits(hidden)[:, 0], jax.random.fold_in(loop.rng, i), loop.temperature_B,
             loop.top_k_B, loop.top_p_B,

@@ -170,22 +170,34 @@ class Decoder(nnx.Module):
         x_BxLxD, _ = jax.lax.scan(run_block, x_BxLxD, (block_state, layer_rngs))
         return self.final_norm(x_BxLxD)
 
+    def layer_blocks(self) -> list[nnx.Module]:
+        """Each layer's block on its own, its weights sliced out of the stacked ones: what
+        `decode` runs. A decode loop slices them once, before it starts; sliced inside the
+        loop, XLA:CPU copied every weight at every step."""
+        block_def, block_state = nnx.split(self.blocks)
+        return [
+            nnx.merge(block_def, jax.tree.map(lambda a, i=layer: a[i], block_state))
+            for layer in range(self.cfg.n_layers)
+        ]
+
     def decode(
-        self, tokens_BxT: jax.Array, positions_BxT: jax.Array, caches: Sequence[layers.KVCache]
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        caches: Sequence[layers.KVCache],
+        blocks: Sequence[nnx.Module] | None = None,
     ) -> tuple[jax.Array, list[layers.KVCache]]:
         """Hidden states of T new tokens attending over every layer's cache, and the updated
-        caches.
+        caches; `blocks` are `layer_blocks()`, sliced anew when not given.
 
         The layers run one after another in Python, not in a scan: each layer's cache stays a
         buffer of its own that XLA updates in place, where slicing a stacked [n_layers, ...]
         cache in a scan copied a layer's cache at every step (most of a decode step's time on
         XLA:CPU).
         """
-        block_def, block_state = nnx.split(self.blocks)
         x_BxTxD = self._embed(tokens_BxT, positions_BxT)
         updated = []
-        for layer, cache in enumerate(caches):
-            block = nnx.merge(block_def, jax.tree.map(lambda a, i=layer: a[i], block_state))
+        for block, cache in zip(blocks or self.layer_blocks(), caches, strict=True):
             x_BxTxD, cache = block(x_BxTxD, positions_BxT, None, None, cache)
             updated.append(cache)
         return self.final_norm(x_BxTxD), updated
