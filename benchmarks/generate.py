@@ -24,7 +24,7 @@ One process, three parts:
    (1..64) and random batch sizes (1..8), sent one by one to a Sampler of --compile_config's
    (small) model. `Sampler.compilations()` (and the decode loop's programs: each bucket
    compiles a prefill and a decode loop) must equal the number of distinct shape buckets
-   `(bucket(batch, 1), bucket(prompt), bucket(new))` the requests fall in.
+   `(rows_bucket(batch), length_bucket(prompt), length_bucket(new))` the requests fall in.
 
 Run from the repository root (no install needed):
 
@@ -62,7 +62,7 @@ from jtrain import config as config_lib  # noqa: E402
 from jtrain import runs  # noqa: E402
 from jtrain.interop import hf  # noqa: E402
 from jtrain.models import family_of  # noqa: E402
-from jtrain.sampler import Sampler, bucket  # noqa: E402
+from jtrain.sampler import Sampler, fewest_in, length_bucket, rows_bucket  # noqa: E402
 
 TARGETS = {1: (1.0, ">"), 16: (3.0, ">=")}  # batch -> (jtrain/transformers tokens/s, test)
 BATCH = 16
@@ -299,10 +299,10 @@ def part_bandwidth(args, jt: JtrainSide, model, prompt: list[int], torch_s: floa
     weights = param_bytes(model)
     cfg = model.cfg
     long = args.decode_tokens
-    short = bucket(long) // 2 + 1 if bucket(long) > bucket(1) else 1
+    short = fewest_in(length_bucket(long))
     if long - short < long // 4:
         short = 1  # too close to difference well: two buckets (their prefills differ a little)
-    slots = bucket(len(prompt)) + bucket(long)
+    slots = length_bucket(len(prompt)) + length_bucket(long)
     kv_bytes = 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * 4  # float32 k and v
     print(f"\nparameter bytes  : {weights:,} ({weights / 2**20:.1f} MiB); KV cache read per step "
           f"at batch 1: {kv_bytes:,} ({slots} slots, all attended with a mask)")  # fmt: skip
@@ -348,7 +348,7 @@ def part_compilations(args) -> None:
         prompts = make_prompts(rng, config.model.vocab_size, lengths)
         out = sampler.generate(prompts, max_new_tokens=new, temperature=temperature)
         tokens += sum(len(c.tokens) for c in out)
-        buckets.add((bucket(rows, 1), bucket(max(lengths)), bucket(new)))
+        buckets.add((rows_bucket(rows), length_bucket(max(lengths)), length_bucket(new)))
     seconds = time.perf_counter() - start
     n = sampler.compilations()
     decode_programs = sampler._decode._cache_size()  # each bucket: a prefill and a decode loop

@@ -7,11 +7,13 @@ window, within it. The prompt is prefilled in one forward pass that writes every
 and values into the cache; then a `lax.while_loop` on the device decodes one token per
 iteration for every row until each has met a stop token or the row's token budget.
 
-Shapes are bucketed (batch, prompt and new-token lengths each rounded up to a power of two),
-so a stream of requests compiles once per bucket. Every row has its own temperature, top-k and
-top-p, so requests with different settings share a batch. Each sampled token comes with its
-log-probability under the sampling distribution (the logits divided by the temperature,
-before top-k/top-p truncation): what an RL loss needs, equal to the training forward pass's.
+Shapes are bucketed (the batch rounded up to a power of two, prompt and new-token lengths to
+16, 24, 32, 48, 64, 96, ...), so a stream of requests compiles once per bucket. Every row
+has its own temperature, top-k and top-p, so requests with different settings share a batch.
+Each sampled token comes with its log-probability under the sampling distribution (the logits
+divided by the temperature, before top-k/top-p truncation): what an RL loss needs, equal to
+the training forward pass's. `Sampler.start` prefills; `Decoding.advance` decodes a given
+number of tokens per call, which is how a server streams them.
 """
 
 from __future__ import annotations
@@ -29,12 +31,39 @@ from flax import nnx
 from jtrain.models.layers import KVCache
 from jtrain.models.transformer import DTYPES
 
-_MIN_BUCKET = 16
+_LENGTH_GRID = (16, 24)  # length buckets: these times the powers of two
 
 
-def bucket(n: int, minimum: int = _MIN_BUCKET) -> int:
-    """The power of two at least max(n, minimum): the padded size of a dimension."""
-    return 1 << (max(n, minimum) - 1).bit_length()
+def rows_bucket(n: int) -> int:
+    """The padded number of rows: the power of two at least n (batches divide evenly over
+    the data axes of any mesh)."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def length_bucket(n: int) -> int:
+    """The padded size of a prompt or of a number of new tokens: the least of 16, 24, 32, 48,
+    64, 96, ... (a power of two or 1.5 times one) that holds n. At most a third of a bucket is
+    padding, where powers of two alone waste up to half of the prefill's work."""
+    octave = 1
+    while True:
+        for size in _LENGTH_GRID:
+            if n <= size * octave:
+                return size * octave
+        octave *= 2
+
+
+def length_buckets(n: int) -> list[int]:
+    """Every length bucket up to `length_bucket(n)`, smallest first."""
+    sizes = [length_bucket(1)]
+    while sizes[-1] < length_bucket(n):
+        sizes.append(length_bucket(sizes[-1] + 1))
+    return sizes
+
+
+def fewest_in(size: int) -> int:
+    """The fewest tokens that fall in the length bucket `size`."""
+    smaller = [s for s in length_buckets(size) if s < size]
+    return smaller[-1] + 1 if smaller else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,14 +271,14 @@ class Sampler:
                 f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the "
                 f"model's {self.max_len} positions"
             )
-        rows, width = bucket(len(prompts), 1), bucket(longest)
+        rows, width = rows_bucket(len(prompts)), length_bucket(longest)
         prompts_BxP = np.zeros((rows, width), np.int32)
         lengths_B = np.ones(rows, np.int32)  # padding rows: one token, decoded and dropped
         for i, prompt in enumerate(prompts):
             prompts_BxP[i, width - len(prompt) :] = prompt
             lengths_B[i] = len(prompt)
         per_row = functools.partial(_per_row, rows=rows, count=len(prompts))
-        new_bucket = bucket(max_new_tokens)
+        new_bucket = length_bucket(max_new_tokens)
         self.buckets.add((rows, width, new_bucket))
         loop = self._prefill(
             self.state,

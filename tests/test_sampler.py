@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jtrain import models
-from jtrain.sampler import Sampler, bucket
+from jtrain.sampler import Sampler, fewest_in, length_bucket, length_buckets, rows_bucket
 from tests.conftest import greedy_by_full_forward, tiny_config
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 8], [11] * 12, [120, 1, 2, 3]]
@@ -116,7 +116,30 @@ def test_one_compilation_per_bucket(tiny_model):
     assert sampler.compilations() == 1
     sampler.generate([[1] * 17], max_new_tokens=4)  # a longer prompt: a second bucket
     assert sampler.compilations() == 2
-    assert [bucket(n) for n in (1, 16, 17, 33)] == [16, 16, 32, 64]
+    assert sampler.buckets == {(4, 16, 16), (1, 24, 16)}
+
+
+def test_buckets():
+    # Lengths: powers of two and 1.5 times them from 16; rows: powers of two (mesh axes).
+    lengths = [1, 16, 17, 24, 25, 33, 48, 49, 65, 97, 129, 200]
+    assert [length_bucket(n) for n in lengths] == [
+        16,
+        16,
+        24,
+        24,
+        32,
+        48,
+        48,
+        64,
+        96,
+        128,
+        192,
+        256,
+    ]
+    assert length_buckets(100) == [16, 24, 32, 48, 64, 96, 128]
+    assert [fewest_in(size) for size in (16, 24, 32, 48, 64)] == [1, 17, 25, 33, 49]
+    assert all(length_bucket(fewest_in(size)) == size for size in length_buckets(5000))
+    assert [rows_bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
 
 
 def test_the_sampler_runs_on_a_sharded_training_state():

@@ -144,7 +144,7 @@ class TrainedRewardModel:
             )
             ids, chosen, _ = encoder(preference_examples.Pair(prompt, answer, answer))
             rows.append(np.concatenate([ids, chosen])[:seq_len])
-        width = sampler.bucket(max(r.size for r in rows))
+        width = sampler.length_bucket(max(r.size for r in rows))
         tokens = np.full((len(rows), width), encoder.tokenizer.pad_id, np.int32)
         for i, row in enumerate(rows):
             tokens[i, : row.size] = row
