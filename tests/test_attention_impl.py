@@ -137,7 +137,7 @@ def test_cached_attention_equals_jaxs_on_the_same_keys(dtype, steps):
         slots >= jnp.array([0, 2])[:, None]
     )[:, None, None, :]
     want = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS)
-    got = attention_impl.attend_cached(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask_Bx1xTxS)
+    got = attention_impl.attend_cached(q, k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask_Bx1xTxS)
     assert got.dtype == want.dtype
     tolerance = 1e-6 if dtype == jnp.float32 else 1e-2  # bfloat16: 8 bits of mantissa
     np.testing.assert_allclose(

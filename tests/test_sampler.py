@@ -119,6 +119,15 @@ def test_one_compilation_per_bucket(tiny_model):
     assert sampler.buckets == {(4, 16, 16), (1, 24, 16)}
 
 
+def test_greedy_picks_the_first_maximum_as_argmax_does():
+    from jtrain.sampler import _argmax
+
+    logits = jnp.asarray(
+        [[0.0, 3.0, 3.0, 1.0], [-1.0, -2.0, -1.0, -5.0], [0.0, jnp.nan, 9.0, jnp.nan]]
+    )
+    assert _argmax(logits).tolist() == jnp.argmax(logits, -1).tolist() == [1, 0, 1]
+
+
 def test_buckets():
     # Lengths: powers of two and 1.5 times them from 16; rows: powers of two (mesh axes).
     lengths = [1, 16, 17, 24, 25, 33, 48, 49, 65, 97, 129, 200]

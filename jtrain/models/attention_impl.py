@@ -180,21 +180,23 @@ def attend(
 
 
 def attend_cached(
-    q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array, mask_Bx1xTxS: jax.Array
+    q_BxTxHxK: jax.Array, k_BxGxKxS: jax.Array, v_BxGxSxK: jax.Array, mask_Bx1xTxS: jax.Array
 ) -> jax.Array:
-    """Grouped-query attention [B, T, H, K] of T new queries over a KV cache kept as
-    [B, G, S, K] (slots next to each other per head).
+    """Grouped-query attention [B, T, H, K] of T new queries over a KV cache kept as keys
+    [B, G, K, S] and values [B, G, S, K].
 
     Decoding uses this on every backend rather than `dot_product_attention`, which wants keys
-    as [B, S, G, K]: on XLA:CPU the transposes of the whole cache that this costs at every
-    step and layer, and its batched dot of probabilities and values, took most of a batch-16
-    decode step. Each key head's R = H / G query heads and T queries are one [R * T] row
-    block, so both products are plain matrix products per (row, key head) over the cache as
-    it lies. The arithmetic is jax's XLA path's: scores and softmax in float32, masked slots
-    at a large negative value, the probabilities cast back to the values' dtype.
+    and values as [B, S, G, K]: on XLA:CPU the transposes of the whole cache that this costs
+    at every step and layer, and its batched dot of probabilities and values, took most of a
+    batch-16 decode step. Each key head's R = H / G query heads and T queries are one [R * T]
+    row block, and the cache lies as both products want it: queries [R * T, K] by keys [K, S],
+    probabilities [R * T, S] by values [S, K] (keys stored [S, K] made XLA:CPU's product 3.5x
+    slower at a decoding step). The arithmetic is jax's XLA path's: scores and softmax in
+    float32, masked slots at a large negative value, the probabilities cast back to the
+    values' dtype.
     """
     batch, steps, heads, width = q_BxTxHxK.shape
-    groups, slots = k_BxGxSxK.shape[1], k_BxGxSxK.shape[2]
+    groups, slots = v_BxGxSxK.shape[1], v_BxGxSxK.shape[2]
     per_group = heads // groups
     q_BxGxQxK = (
         q_BxTxHxK.reshape(batch, steps, groups, per_group, width)
@@ -202,7 +204,7 @@ def attend_cached(
         .reshape(batch, groups, per_group * steps, width)
     )  # Q = R * T query rows, each key head's own
     scores_BxGxQxS = jnp.einsum(
-        "bgqk,bgsk->bgqs", q_BxGxQxK, k_BxGxSxK, preferred_element_type=jnp.float32
+        "bgqk,bgks->bgqs", q_BxGxQxK, k_BxGxKxS, preferred_element_type=jnp.float32
     ) * jnp.float32(width**-0.5)
     mask_Bx1xQxS = jnp.broadcast_to(
         mask_Bx1xTxS[:, :, None], (batch, 1, per_group, steps, slots)

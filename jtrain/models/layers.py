@@ -190,8 +190,9 @@ def _add_bias(x: jax.Array, bias: Bias | None) -> jax.Array:
 
 @struct.dataclass
 class KVCache:
-    """One layer's keys and values for decoding, [B, G, S, K] (each head's slots side by
-    side, the layout `attention_impl.attend_cached` reads without a copy).
+    """One layer's keys [B, G, K, S] and values [B, G, S, K] for decoding: the layouts
+    `attention_impl.attend_cached` multiplies without a transpose (queries by keys, then
+    probabilities by values, each a plain matrix product per row and key head).
 
     `index` is the first slot this call writes; `mask` [B, 1, T, S] says which slots each of
     the T new tokens may attend to (the sampler builds it once for every layer). Every layer
@@ -205,9 +206,10 @@ class KVCache:
 
     def write(self, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array) -> KVCache:
         """The cache with this call's T new keys and values stored from slot `index` on."""
-        at = (0, 0, self.index, 0)
-        k = jax.lax.dynamic_update_slice(self.k, k_BxTxGxK.swapaxes(1, 2).astype(self.k.dtype), at)
-        v = jax.lax.dynamic_update_slice(self.v, v_BxTxGxK.swapaxes(1, 2).astype(self.v.dtype), at)
+        new_k = k_BxTxGxK.transpose(0, 2, 3, 1).astype(self.k.dtype)
+        new_v = v_BxTxGxK.swapaxes(1, 2).astype(self.v.dtype)
+        k = jax.lax.dynamic_update_slice(self.k, new_k, (0, 0, 0, self.index))
+        v = jax.lax.dynamic_update_slice(self.v, new_v, (0, 0, self.index, 0))
         return self.replace(k=k, v=v)
 
 
