@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,21 +38,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # `import jtrain` without installing
 
-import uvicorn  # noqa: E402
-
 from jtrain import generate, serve  # noqa: E402
-
-
-def _start(app) -> tuple[str, uvicorn.Server, threading.Thread]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
+from jtrain.serving import local  # noqa: E402
 
 
 def _post(url: str, model: str, prompt: str, max_tokens: int, stream: bool = False):
@@ -102,29 +88,27 @@ def main() -> None:
     generator = generate.load(args.workdir)
     name = serve.model_name(args.workdir)
     app = serve.create_app(generator, model_name=name, max_batch=16)
-    url, server, thread = _start(app)
-    prompts = [f"The {word} statement" for word in ("for", "while", "if", "try", "with")] * (
-        args.requests // 5 + 1
-    )
-    prompts = prompts[: args.requests]
+    with local.running(app) as url:
+        prompts = [f"The {word} statement" for word in ("for", "while", "if", "try", "with")] * (
+            args.requests // 5 + 1
+        )
+        prompts = prompts[: args.requests]
 
-    def fn(prompt):
-        return _complete(url, name, prompt, args.max_tokens)
+        def fn(prompt):
+            return _complete(url, name, prompt, args.max_tokens)
 
-    # Compile every batch-size bucket the runs can meet (1, 2, 4, 8, 16 rows), so that
-    # neither side pays for compilation while timed.
-    ids = [generator.tokenizer.encode(p, add_bos=True, add_eos=False).tolist() for p in prompts]
-    for rows in (1, 2, 4, 8, 16):
-        generator.sampler.generate(ids[:rows], max_new_tokens=args.max_tokens)
-    _timed(fn, prompts[:16], 16)
-    batches = app.state.batcher.batches
-    one_s, one_tokens = _timed(fn, prompts, 1)
-    many_s, many_tokens = _timed(fn, prompts, 16)
-    many_batches = app.state.batcher.batches - batches
-    streamed = _complete(url, name, prompts[0], args.stream_tokens)  # compiles its bucket
-    times = [_first_and_last(url, name, prompts[0], args.stream_tokens) for _ in range(5)]
-    server.should_exit = True
-    thread.join(30)
+        # Compile every batch-size bucket the runs can meet (1, 2, 4, 8, 16 rows), so that
+        # neither side pays for compilation while timed.
+        ids = [generator.tokenizer.encode(p, add_bos=True, add_eos=False).tolist() for p in prompts]
+        for rows in (1, 2, 4, 8, 16):
+            generator.sampler.generate(ids[:rows], max_new_tokens=args.max_tokens)
+        _timed(fn, prompts[:16], 16)
+        batches = app.state.batcher.batches
+        one_s, one_tokens = _timed(fn, prompts, 1)
+        many_s, many_tokens = _timed(fn, prompts, 16)
+        many_batches = app.state.batcher.batches - batches
+        streamed = _complete(url, name, prompts[0], args.stream_tokens)  # compiles its bucket
+        times = [_first_and_last(url, name, prompts[0], args.stream_tokens) for _ in range(5)]
     print(f"run              : {args.workdir}; {args.requests} requests x {args.max_tokens} tokens")
     rate = f"{args.requests / one_s:.2f} completions/s, {one_tokens / one_s:,.0f} tokens/s"
     print(f"1 client         : {rate}")
@@ -154,13 +138,11 @@ def _cold_bucket(args, prompt: str, prompt_tokens: int) -> None:
             warmup_new_tokens=warm * args.max_tokens,
         )  # fmt: skip
         start = time.perf_counter()
-        url, server, thread = _start(app)
-        app.state.batcher.ready.wait()
-        warmup_s, start = time.perf_counter() - start, time.perf_counter()
-        _complete(url, "m", prompt, args.max_tokens)
-        latency_ms = (time.perf_counter() - start) * 1e3
-        server.should_exit = True
-        thread.join(30)
+        with local.running(app) as url:
+            app.state.batcher.ready.wait()
+            warmup_s, start = time.perf_counter() - start, time.perf_counter()
+            _complete(url, "m", prompt, args.max_tokens)
+            latency_ms = (time.perf_counter() - start) * 1e3
         buckets = len(app.state.batcher.warmup_buckets)
         how = f"after a {warmup_s:.1f} s warm-up ({buckets} buckets)" if warm else "no warm-up"
         print(f"cold bucket      : first request {latency_ms:,.0f} ms {how}")

@@ -22,7 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from jtrain import generate, serve  # noqa: E402
 from jtrain.sampler import Sampler  # noqa: E402
-from jtrain.serving import protocol  # noqa: E402
+from jtrain.serving import local, protocol  # noqa: E402
 from jtrain.serving.batcher import Batcher  # noqa: E402
 from tests.conftest import REPO, main_env, tiny_trained_run  # noqa: E402
 
@@ -51,21 +51,8 @@ def _bound_socket() -> socket.socket:
 def server(run, generator):
     """The app on a free 127.0.0.1 port, in a background thread: (base url, app)."""
     app = serve.create_app(generator, model_name=serve.model_name(run), max_batch=16)
-    sock = _bound_socket()
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert uv.started, "the server did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-    finally:
-        uv.should_exit = True
-        thread.join(30)
-        sock.close()
+    with local.running(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ streams get each decode step's text before the next step runs, a failed or aband
 leaves the server serving, and /health answers 503 until the warm-up is over."""
 
 import contextlib
-import socket
 import threading
 import time
 import types
@@ -17,7 +16,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from jtrain import serve  # noqa: E402
 from jtrain.data import tokenizers  # noqa: E402
-from jtrain.serving import protocol, responses  # noqa: E402
+from jtrain.serving import local, protocol, responses  # noqa: E402
 from jtrain.serving.batcher import Batcher  # noqa: E402
 
 EOS = 258
@@ -147,23 +146,8 @@ def test_settings_are_checked():
 def _serving(sampler, **settings):
     """The app over a scripted sampler on a free port: (openai client, app)."""
     app = serve.create_app(_generator(sampler), model_name="m", **settings)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "the server did not start"
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
-    try:
-        yield client, app
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    with local.running(app) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30), app
 
 
 def _stream(client, max_tokens: int, **options):
