@@ -267,18 +267,23 @@ class Attention(nnx.Module):
         # Grouped-query attention: each key/value head serves n_heads // n_kv_heads query heads.
         if cache is not None:
             cache = cache.write(k, v)
+        if cache is not None and cache.v.shape[2] > q.shape[1]:  # decoding: earlier slots too
             out_BxLxHxK = attention_impl.attend_cached(q, cache.k, cache.v, cache.mask)
         else:
+            # Training, or a prefill (the cache holds this call's tokens only, and its mask
+            # already has causality, padding and the window): the model's own kernel, so a
+            # long prompt gets cuDNN's flash attention where it runs, never [L, L] scores.
+            mask = mask_Bx1xLxL if cache is None else cache.mask
             kernel = attention_impl.kernel_for_call(
-                self.implementation, masked=mask_Bx1xLxL is not None, length=q.shape[1]
+                self.implementation, masked=mask is not None, length=q.shape[1]
             )
             out_BxLxHxK = attention_impl.attend(
                 q,
                 k,
                 v,
-                mask=mask_Bx1xLxL,
-                causal=self.causal,
-                local_window=self.local_window,
+                mask=mask,
+                causal=self.causal and cache is None,
+                local_window=self.local_window if cache is None else None,
                 implementation=kernel,
             )
         out = _add_bias(project(self, "o_HxKxD", out_BxLxHxK, dropout_rng), self.o_bias_D)
