@@ -115,15 +115,19 @@ class Predictor:
 
 
 def load_preprocessor(workdir: str) -> Preprocessor:
-    """The preprocessing a classify or regress run saved; errors for other runs."""
+    """The preprocessing a classify or regress run (or a distilled student of one) saved;
+    errors for other runs."""
     config = runs.run_config(workdir)
     name = config.get("task", "")
-    if not issubclass(tasks.task_class(name), SupervisedTask):
+    trained = tasks.task_class(name).trains(config)
+    if not issubclass(trained, SupervisedTask):
         raise ValueError(
             f"--workdir={workdir} is a run of task={name}; jtrain.predict is for the tables "
             "and images of task=classify or regress; for language models use jtrain.generate"
         )
-    return runs.run_task(workdir, config).preprocessor
+    task = trained(config)
+    task.load_artifacts(runs.saved_artifacts(workdir, task))
+    return task.preprocessor
 
 
 def read_input(pre: Preprocessor, path: str) -> Inputs:

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from jtrain import config as config_lib
-from jtrain import export, pretrained, run, tasks
+from jtrain import export, predict, pretrained, run, tasks
+from jtrain.data.features import IMAGE
 from jtrain.metrics import read_metrics
 from jtrain.tasks.distill import DistillTask
 from jtrain.tasks.lm import LMTask
@@ -196,6 +197,14 @@ def test_a_classifier_distills_end_to_end(digits_teacher, tmp_path):
     assert test["loss"] == pytest.approx(0.5 * 16 * test["kl"] + 0.5 * test["ce"], rel=1e-5)
     train = [e for e in read_metrics(str(tmp_path / "student" / "metrics.jsonl")) if "kl" in e]
     assert train[-1]["kl"] < train[0]["kl"]  # the student moves towards its teacher
+    # The student is its own task's model afterwards: jtrain.predict takes the run.
+    student = predict.Predictor.load(str(tmp_path / "student"))
+    pre = student.preprocessor
+    assert pre.image_shape == predict.load_preprocessor(digits_teacher).image_shape
+    images = np.random.default_rng(0).integers(0, 16, (3, *pre.image_shape)).astype(np.float32)
+    probabilities = student(pre.transform_features({IMAGE: images}))
+    assert probabilities.shape == (3, 10)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

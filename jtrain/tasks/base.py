@@ -106,6 +106,12 @@ class Task:
         return cls.model_reads
 
     @classmethod
+    def trains(cls, config) -> type[Task]:
+        """The task whose model a run of this task trains, as the model is used afterwards
+        (prediction): this one, unless it wraps another (distillation: the student's task)."""
+        return cls
+
+    @classmethod
     def validate(cls, config) -> None:
         """Raises ValueError naming a task-specific config key whose value cannot work."""
 

@@ -59,6 +59,10 @@ class DistillTask(Task):
         return tasks.task_class(_inner_name(config)).model_reads
 
     @classmethod
+    def trains(cls, config) -> type[Task]:
+        return tasks.task_class(_inner_name(config))
+
+    @classmethod
     def validate(cls, config) -> None:
         s = settings(config)
         if not s["teacher"]:
