@@ -18,9 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks import overrides as overrides_lib  # noqa: E402
@@ -62,21 +64,22 @@ def temporaries(config, device, rows: int, prompt: int, new: int) -> dict[str, f
     prefill_memory = jax.jit(prefill).lower(*args).compile().memory_analysis()
     decode_memory = decode.lower(on_device(state), on_device(loop), spec((), jnp.int32))
     decode_memory = decode_memory.compile().memory_analysis()
-    size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     return {
-        "weights": size(state) / MIB,
-        "kv cache": size(loop.kv) / MIB,
+        "weights": _bytes(state) / MIB,
+        "kv cache": _bytes(loop.kv) / MIB,
         "prefill temporaries": prefill_memory.temp_size_in_bytes / MIB,
         "decode temporaries": decode_memory.temp_size_in_bytes / MIB,
     }
 
 
-def _on_tpu(config_json: str, topology: str, rows: int, prompt: int, new: int):
-    import ml_collections
+def _bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-    device = aot.topology_devices(topology)[0]
-    config = ml_collections.ConfigDict(__import__("json").loads(config_json))
-    return temporaries(config, device, rows, prompt, new)
+
+def _on_tpu(config_json: str, topology: str, rows: int, prompt: int, new: int):
+    """`temporaries` on a TPU topology's first device (run in a child: `aot.in_child`)."""
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    return temporaries(config, aot.topology_devices(topology)[0], rows, prompt, new)
 
 
 def main() -> None:

@@ -211,11 +211,12 @@ def _decode(state, loop: _Loop, until, *, graphdef) -> _Loop:
     def more(loop):
         return (loop.step < end) & ~jnp.all(loop.done_B)
 
+    window = model.cfg.sliding_window
+
     def step(loop):
         i = loop.step
         slot = prompt_len + i - 1  # where the last sampled token's key and value go
         pos_Bx1 = (loop.lengths_B + i - 1)[:, None]
-        window = model.cfg.sliding_window
         mask = _attend_mask(slot[None], key_valid_BxS, key_pos_BxS, pos_Bx1, window)
         last_Bx1 = jax.lax.dynamic_slice_in_dim(loop.tokens_BxN, i - 1, 1, axis=1)
         caches = [KVCache(k, v, slot, mask) for k, v in loop.kv]
@@ -317,7 +318,7 @@ class Decoding:
         self._sampler, self._loop, self._count = sampler, loop, count
         self.max_new_tokens, self._stop_ids = max_new, list(stop_ids)
         self._sent = [0] * count  # tokens of each row returned so far
-        self._ends = [None] * count  # each row's length once it has ended
+        self._ends: list[tuple[int, str] | None] = [None] * count  # (length, finish reason)
         self._tokens = self._logprobs = None  # the host's copy after the last advance
 
     @property
@@ -334,16 +335,15 @@ class Decoding:
         step = int(self._loop.step)
         self._tokens = np.asarray(self._loop.tokens_BxN)
         self._logprobs = np.asarray(self._loop.logprobs_BxN)
-        done = np.asarray(self._loop.done_B)
         new = []
         for row in range(self._count):
-            tokens_so_far = self._tokens[row, :step]
-            stops = np.flatnonzero(np.isin(tokens_so_far, self._stop_ids))
-            if stops.size:
-                self._ends[row] = int(stops[0]) + 1
-            elif step >= self.max_new_tokens or done[row]:
-                self._ends[row] = min(step, self.max_new_tokens)
-            end = self._ends[row] if self._ends[row] is not None else step
+            if self._ends[row] is None:
+                stops = np.flatnonzero(np.isin(self._tokens[row, :step], self._stop_ids))
+                if stops.size:
+                    self._ends[row] = (int(stops[0]) + 1, "stop")
+                elif step >= self.max_new_tokens:
+                    self._ends[row] = (self.max_new_tokens, "length")
+            end = step if self._ends[row] is None else self._ends[row][0]
             new.append(self._tokens[row, self._sent[row] : end].astype(np.int32))
             self._sent[row] = end
         return new
@@ -353,18 +353,11 @@ class Decoding:
         if not self.finished:
             raise RuntimeError("the batch is still decoding: advance it until finished")
         return [
-            _completion(self._tokens[i], self._logprobs[i], self.max_new_tokens, self._stop_ids)
-            for i in range(self._count)
+            Completion(self._tokens[i, :end].astype(np.int32), self._logprobs[i, :end], reason)
+            for i, (end, reason) in enumerate(self._ends)
         ]
 
 
 def _per_row(value, dtype, *, rows: int, count: int) -> np.ndarray:
     values = np.broadcast_to(np.asarray(value, dtype), (count,))
     return np.concatenate([values, np.full(rows - count, values[0], dtype)])
-
-
-def _completion(tokens, logprobs, max_new: int, stop_ids: Sequence[int]) -> Completion:
-    stops = np.flatnonzero(np.isin(tokens[:max_new], list(stop_ids)))
-    end = int(stops[0]) + 1 if stops.size else max_new
-    reason = "stop" if stops.size else "length"
-    return Completion(tokens[:end].astype(np.int32), logprobs[:end].astype(np.float32), reason)

@@ -38,6 +38,7 @@ import uvicorn
 from absl import flags, logging
 
 from jtrain import checkpoint, cli, generate, pretrained
+from jtrain.serving import batcher
 from jtrain.serving.app import create_app
 
 __all__ = ["create_app", "model_name"]
@@ -57,8 +58,9 @@ def _define_flags() -> None:
         "stream_every", 8, "Tokens decoded per compiled call while a batch streams a request."
     )
     # Completions' default max_tokens is 16; prompts of up to 128 tokens cover most short
-    # requests. 5 x 4 x 1 = 20 buckets at --max_batch=16: seconds each on a CPU, less on an
-    # accelerator. Chat requests (256 new tokens unless they say) want --warmup_new_tokens=256.
+    # requests. 5 x 7 x 1 = 35 buckets at --max_batch=16 (lengths 16, 24, 32, 48, 64, 96, 128):
+    # seconds each on a CPU, less on an accelerator. Chat requests (256 new tokens unless
+    # they say) want --warmup_new_tokens=256.
     flags.DEFINE_integer(
         "warmup_prompt_tokens", 128, "Compile, before serving, for prompts up to this (0: no)."
     )
@@ -83,8 +85,7 @@ def model_name(spec: str) -> str:
 def main(argv: list[str]) -> None:
     cli.start(argv)
     f = flags.FLAGS
-    for name, least in [("max_batch", 1), ("stream_every", 1), ("warmup_prompt_tokens", 0),
-                        ("warmup_new_tokens", 0)]:  # fmt: skip
+    for name, least in batcher.LEAST.items():  # before the model loads, which takes a while
         if f[name].value < least:
             sys.exit(f"error: --{name}={f[name].value} is invalid: it must be at least {least}")
     if f.compile_cache:

@@ -33,6 +33,9 @@ from jtrain.serving import warmup
 from jtrain.serving.protocol import Request
 from jtrain.serving.share import Share
 
+# The least value of each setting (jtrain.serve checks its flags against these too).
+LEAST = {"max_batch": 1, "stream_every": 1, "warmup_prompt_tokens": 0, "warmup_new_tokens": 0}
+
 
 @dataclasses.dataclass(frozen=True)
 class _Job:
@@ -54,14 +57,13 @@ class Batcher:
         warmup_prompt_tokens: int = 0,
         warmup_new_tokens: int = 0,
     ):
-        for name, value, least in [
-            ("max_batch", max_batch, 1),
-            ("stream_every", stream_every, 1),
-            ("warmup_prompt_tokens", warmup_prompt_tokens, 0),
-            ("warmup_new_tokens", warmup_new_tokens, 0),
-        ]:
-            if value < least:
-                raise ValueError(f"{name}={value} is invalid: it must be at least {least}")
+        settings = dict(
+            max_batch=max_batch, stream_every=stream_every,
+            warmup_prompt_tokens=warmup_prompt_tokens, warmup_new_tokens=warmup_new_tokens,
+        )  # fmt: skip
+        for name, value in settings.items():
+            if value < LEAST[name]:
+                raise ValueError(f"{name}={value} is invalid: it must be at least {LEAST[name]}")
         self.generator, self.max_batch, self.seed = generator, max_batch, seed
         self.stream_every = stream_every
         self.warmup_buckets = warmup.buckets(

@@ -101,9 +101,9 @@ class Task:
 
     @classmethod
     def reads(cls, config) -> str:
-        """What the model must read under `config`: `model_reads`, unless the task wraps
-        another task whose model it trains (distillation: the student's task decides)."""
-        return cls.model_reads
+        """What the model must read under `config`: the `model_reads` of the task whose model
+        the run trains (`trains`: distillation's is the student's task)."""
+        return cls.trains(config).model_reads
 
     @classmethod
     def trains(cls, config) -> type[Task]:

@@ -55,10 +55,6 @@ class DistillTask(Task):
         self._teacher: distill_teacher.Teacher | None = None
 
     @classmethod
-    def reads(cls, config) -> str:
-        return tasks.task_class(_inner_name(config)).model_reads
-
-    @classmethod
     def trains(cls, config) -> type[Task]:
         return tasks.task_class(_inner_name(config))
 
